@@ -1,0 +1,18 @@
+"""fxopt: graph-level compiler passes on torch.fx that make a trained model cheaper without
+changing what it computes, with every rewrite checked against a float64 oracle."""
+
+from .capture import capture
+from .driver import optimize
+from .errors import CaptureError, FxoptError, InputError, SaveError, UnknownPassError
+from .pattern import Match, Pass, Pattern, Skip, list_passes, register
+from .report import PassReport, Report
+from .rewriter import Rewriter
+
+from . import patterns  # noqa: E402,F401  (registers the pass library)
+from .equivalence import verify  # noqa: E402
+
+__all__ = [
+    "optimize", "verify", "list_passes", "capture", "register", "Pass", "Pattern", "Match", "Skip",
+    "Rewriter", "Report", "PassReport", "CaptureError", "FxoptError", "InputError", "SaveError",
+    "UnknownPassError",
+]

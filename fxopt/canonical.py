@@ -1,0 +1,424 @@
+"""Canonicalization: rewrite every known spelling of an op into its canonical form (see fxopt.ops).
+
+The table below is data: each entry maps one spelling (a module type, a torch function, a Tensor
+method name or an aten overload) to a function that returns the canonical op and its keyword
+arguments, or None to leave the node alone (e.g. a BatchNorm in a training configuration that the
+functional form cannot express). Unknown nodes are left as they are.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from . import ops
+from .ops import Op
+
+aten = torch.ops.aten
+Canonical = tuple[Op, dict[str, Any]]
+
+
+def canonicalize(gm: GraphModule) -> GraphModule:
+    """Rewrite ``gm`` in place into canonical form and return it."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        canonical = _canonical_form(node, gm)
+        if canonical is None:
+            continue
+        op, kwargs = canonical
+        with graph.inserting_before(node):
+            kwargs = {k: _as_arg(graph, gm, v) for k, v in kwargs.items()}
+            if op.fields:
+                new = graph.call_function(op.target, (), kwargs)
+            else:
+                new = graph.call_function(op.target, (kwargs["a"], kwargs["b"]))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    _absorb_pads(graph)
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+class _Param:
+    """A module attribute that becomes a get_attr node (a parameter or buffer, by qualified name)."""
+
+    def __init__(self, qualname: str):
+        self.qualname = qualname
+
+
+def _as_arg(graph: torch.fx.Graph, gm: GraphModule, value: Any) -> Any:
+    if isinstance(value, _Param):
+        return graph.get_attr(value.qualname)
+    return value
+
+
+def _canonical_form(node: Node, gm: GraphModule) -> Canonical | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        for types, convert in _MODULE_SPELLINGS:
+            if type(module) in types:
+                return convert(node, module) if len(node.args) == 1 and not node.kwargs else None
+        return None
+    if node.op == "call_function":
+        convert = _FUNCTION_SPELLINGS.get(node.target)
+    elif node.op == "call_method":
+        convert = _METHOD_SPELLINGS.get(node.target)
+    else:
+        return None
+    return convert(node) if convert is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# argument binding
+
+
+def _bind(node: Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """Bind a call's positional and keyword arguments to parameter names; None on unknown keywords."""
+    if len(node.args) > len(names):
+        return None
+    bound = dict(defaults)
+    bound.update(zip(names, node.args))
+    for key, value in node.kwargs.items():
+        if key not in names:
+            return None
+        bound[key] = value
+    return bound if all(n in bound for n in names) else None
+
+
+def _schema_names(overload: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    args = overload._schema.arguments
+    defaults = {a.name: a.default_value for a in args if a.has_default_value()}
+    return tuple(a.name for a in args), defaults
+
+
+def _tuple(value: Any, rank: int) -> tuple[int, ...] | Any:
+    if isinstance(value, int):
+        return (value,) * rank
+    if isinstance(value, (list, tuple)):
+        return tuple(value) * rank if len(value) == 1 and rank > 1 else tuple(value)
+    return value
+
+
+def _shape(node: Any) -> torch.Size | None:
+    if isinstance(node, Node):
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            return meta.shape
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val.shape
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# conv
+
+
+def _conv_kwargs(bound: dict[str, Any], rank: int, transposed: bool) -> Canonical | None:
+    padding = bound["padding"]
+    if isinstance(padding, str):
+        padding = _resolve_string_padding(padding, bound["weight"], bound["dilation"], rank)
+    return ops.CONV, {
+        "input": bound["input"],
+        "weight": bound["weight"],
+        "bias": bound.get("bias"),
+        "stride": _tuple(bound["stride"], rank),
+        "padding": _tuple(padding, rank),
+        "dilation": _tuple(bound["dilation"], rank),
+        "groups": bound["groups"],
+        "padding_mode": bound.get("padding_mode", "zeros"),
+        "transposed": transposed,
+        "output_padding": _tuple(bound.get("output_padding", 0), rank),
+    }
+
+
+def _resolve_string_padding(padding: str, weight: Any, dilation: Any, rank: int) -> tuple[int, ...] | str:
+    if padding == "valid":
+        return (0,) * rank
+    shape = weight.shape if isinstance(weight, torch.Tensor) else _shape(weight)
+    if shape is None:
+        return padding
+    totals = [d * (k - 1) for d, k in zip(_tuple(dilation, rank), shape[2:])]
+    if any(t % 2 for t in totals):
+        return padding  # asymmetric 'same': kept as the string
+    return tuple(t // 2 for t in totals)
+
+
+_CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_NAMES = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+
+
+def _conv_function(rank: int, transposed: bool) -> Callable[[Node], Canonical | None]:
+    names = _CONV_T_NAMES if transposed else _CONV_NAMES
+
+    def convert(node: Node) -> Canonical | None:
+        bound = _bind(node, names, _CONV_DEFAULTS)
+        return None if bound is None else _conv_kwargs(bound, rank, transposed)
+
+    return convert
+
+
+def _aten_convolution(node: Node) -> Canonical | None:
+    bound = _bind(node, *_schema_names(aten.convolution.default))
+    if bound is None:
+        return None
+    return _conv_kwargs(bound, len(bound["stride"]), bound["transposed"])
+
+
+def _conv_module(node: Node, m: nn.Module) -> Canonical | None:
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    rank = m.weight.dim() - 2
+    padding = m.padding
+    if isinstance(padding, str):
+        padding = _resolve_string_padding(padding, m.weight, m.dilation, rank)
+        if isinstance(padding, str) and m.padding_mode != "zeros":
+            return None
+    bound = {
+        "input": node.args[0],
+        "weight": _Param(f"{node.target}.weight"),
+        "bias": _Param(f"{node.target}.bias") if m.bias is not None else None,
+        "stride": m.stride,
+        "padding": padding,
+        "dilation": m.dilation,
+        "groups": m.groups,
+        "padding_mode": m.padding_mode,
+        "output_padding": getattr(m, "output_padding", 0),
+    }
+    return _conv_kwargs(bound, rank, transposed)
+
+
+_PAD_TARGETS = {F.pad, aten.pad.default, aten.constant_pad_nd.default}
+
+
+def _absorb_pads(graph: torch.fx.Graph) -> None:
+    """pad(x) -> conv(padding=0) becomes one conv with that padding and padding mode.
+
+    nn.ConvNd with a non-zero padding mode is traced by torch.export as exactly this pair.
+    Only symmetric padding with a single-user pad node is absorbed.
+    """
+    for node in list(graph.nodes):
+        if not ops.CONV(node) or node.kwargs["transposed"]:
+            continue
+        pad = node.kwargs["input"]
+        if not isinstance(pad, Node) or pad.target not in _PAD_TARGETS or len(pad.users) != 1:
+            continue
+        if any(p != 0 for p in node.kwargs["padding"]) or isinstance(node.kwargs["padding"], str):
+            continue
+        bound = _bind(pad, ("input", "pad", "mode", "value"), {"mode": "constant", "value": None})
+        if bound is None or not isinstance(bound["pad"], (list, tuple)):
+            continue
+        mode, value = bound["mode"], bound["value"]
+        if mode == "constant" and value not in (None, 0, 0.0):
+            continue
+        widths = list(bound["pad"])
+        rank = len(node.kwargs["stride"])
+        if len(widths) != 2 * rank or widths[0::2] != widths[1::2]:
+            continue
+        padding = tuple(reversed(widths[0::2]))
+        kwargs = dict(node.kwargs, input=bound["input"], padding=padding)
+        kwargs["padding_mode"] = "zeros" if mode == "constant" else mode
+        node.kwargs = kwargs
+        graph.erase_node(pad)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch norm
+
+
+_BN_FIELDS = ops.BATCH_NORM.fields
+
+
+def _bn_aten(node: Node) -> Canonical | None:
+    bound = _bind(node, *_schema_names(aten.batch_norm.default))
+    if bound is None:
+        return None
+    return ops.BATCH_NORM, {k: bound[k] for k in _BN_FIELDS}
+
+
+def _bn_native_getitem(node: Node) -> Canonical | None:
+    """getitem(_native_batch_norm_legit_no_training(...), 0) when the statistics outputs are unused."""
+    source = node.args[0]
+    if not (isinstance(source, Node) and source.target is aten._native_batch_norm_legit_no_training.default):
+        return None
+    if node.args[1] != 0 or any(u.args[1] != 0 for u in source.users):
+        return None
+    bound = _bind(source, *_schema_names(aten._native_batch_norm_legit_no_training.default))
+    if bound is None:
+        return None
+    return ops.BATCH_NORM, {**{k: bound[k] for k in _BN_FIELDS if k != "training"}, "training": False}
+
+
+def _bn_module(node: Node, m: nn.modules.batchnorm._BatchNorm) -> Canonical | None:
+    uses_batch_stats = m.training or m.running_mean is None
+    if uses_batch_stats and m.training and m.momentum is None and m.track_running_stats:
+        return None  # cumulative moving average needs num_batches_tracked: not expressible functionally
+    keep_stats = not m.training or m.track_running_stats
+    return ops.BATCH_NORM, {
+        "input": node.args[0],
+        "running_mean": _Param(f"{node.target}.running_mean") if keep_stats and m.running_mean is not None else None,
+        "running_var": _Param(f"{node.target}.running_var") if keep_stats and m.running_var is not None else None,
+        "weight": _Param(f"{node.target}.weight") if m.affine else None,
+        "bias": _Param(f"{node.target}.bias") if m.affine else None,
+        "training": uses_batch_stats,
+        "momentum": 0.0 if m.momentum is None else m.momentum,
+        "eps": m.eps,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# linear, norms, dropout, identity
+
+
+def _linear_module(node: Node, m: nn.Linear) -> Canonical:
+    bias = _Param(f"{node.target}.bias") if m.bias is not None else None
+    return ops.LINEAR, {"input": node.args[0], "weight": _Param(f"{node.target}.weight"), "bias": bias}
+
+
+def _functional(op: Op, defaults: dict[str, Any], extra: tuple[str, ...] = ()) -> Callable[[Node], Canonical | None]:
+    """A function spelling whose parameters are the op's fields (plus ``extra`` ones we ignore)."""
+
+    def convert(node: Node) -> Canonical | None:
+        bound = _bind(node, op.fields + extra, {**defaults, **{name: None for name in extra}})
+        if bound is None:
+            return None
+        kwargs = {k: bound[k] for k in op.fields}
+        if "normalized_shape" in kwargs:
+            kwargs["normalized_shape"] = tuple(kwargs["normalized_shape"])
+        return op, kwargs
+
+    return convert
+
+
+_TRANSPOSE_2D = {aten.t.default, aten.numpy_T.default, torch.t}
+
+
+def _addmm(node: Node) -> Canonical | None:
+    """addmm(bias, x, W.t()) is linear(x, W, bias) when W is a module attribute."""
+    bound = _bind(node, *_schema_names(aten.addmm.default))
+    if bound is None or bound["beta"] != 1 or bound["alpha"] != 1:
+        return None
+    mat2 = bound["mat2"]
+    is_transpose = isinstance(mat2, Node) and (
+        mat2.target in _TRANSPOSE_2D
+        or (mat2.target is aten.permute.default and list(mat2.args[1]) == [1, 0])
+        or (mat2.target is aten.transpose.int and sorted(mat2.args[1:3]) == [0, 1])
+    )
+    if not is_transpose or mat2.args[0].op != "get_attr":
+        return None
+    return ops.LINEAR, {"input": bound["mat1"], "weight": mat2.args[0], "bias": bound["self"]}
+
+
+def _layer_norm_module(node: Node, m: nn.LayerNorm) -> Canonical:
+    return ops.LAYER_NORM, {
+        "input": node.args[0],
+        "normalized_shape": tuple(m.normalized_shape),
+        "weight": _Param(f"{node.target}.weight") if m.weight is not None else None,
+        "bias": _Param(f"{node.target}.bias") if m.bias is not None else None,
+        "eps": m.eps,
+    }
+
+
+def _rms_norm_module(node: Node, m: nn.RMSNorm) -> Canonical:
+    return ops.RMS_NORM, {
+        "input": node.args[0],
+        "normalized_shape": tuple(m.normalized_shape),
+        "weight": _Param(f"{node.target}.weight") if m.weight is not None else None,
+        "eps": m.eps,
+    }
+
+
+def _dropout_module(node: Node, m: nn.Module) -> Canonical | None:
+    if m.training and type(m) is not nn.Dropout:
+        return None  # channel-wise dropouts in training mode have no F.dropout form
+    return ops.DROPOUT, {"input": node.args[0], "p": m.p, "training": m.training, "inplace": False}
+
+
+def _dropout_aten(node: Node) -> Canonical | None:
+    bound = _bind(node, ("input", "p", "train"), {})
+    if bound is None:
+        return None
+    return ops.DROPOUT, {"input": bound["input"], "p": bound["p"], "training": bound["train"], "inplace": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# add and mul
+
+
+def _binary(op: Op, first: str, second: str) -> Callable[[Node], Canonical | None]:
+    def convert(node: Node) -> Canonical | None:
+        bound = _bind(node, (first, second, "alpha"), {"alpha": 1})
+        if bound is None or bound["alpha"] != 1:
+            return None
+        a, b = bound[first], bound[second]
+        if not (isinstance(a, Node) or isinstance(b, Node)):
+            return None
+        return op, {"a": a, "b": b}
+
+    return convert
+
+
+# ---------------------------------------------------------------------------------------------
+# the spelling tables
+
+_MODULE_SPELLINGS: list[tuple[tuple[type, ...], Callable[[Node, Any], Canonical | None]]] = [
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_module),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _bn_module),
+    ((nn.Linear,), _linear_module),
+    ((nn.LayerNorm,), _layer_norm_module),
+    ((nn.RMSNorm,), _rms_norm_module),
+    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), _dropout_module),
+    ((nn.Identity,), lambda node, m: (ops.IDENTITY, {"input": node.args[0]})),
+]
+
+_FUNCTION_SPELLINGS: dict[Any, Callable[[Node], Canonical | None]] = {
+    operator.add: _binary(ops.ADD, "a", "b"),
+    torch.add: _binary(ops.ADD, "input", "other"),
+    aten.add.Tensor: _binary(ops.ADD, "self", "other"),
+    operator.mul: _binary(ops.MUL, "a", "b"),
+    torch.mul: _binary(ops.MUL, "input", "other"),
+    aten.mul.Tensor: _binary(ops.MUL, "self", "other"),
+    F.batch_norm: _functional(
+        ops.BATCH_NORM, {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    ),
+    torch.batch_norm: _bn_aten,
+    aten.batch_norm.default: _bn_aten,
+    operator.getitem: _bn_native_getitem,
+    F.linear: _functional(ops.LINEAR, {"bias": None}),
+    aten.linear.default: _functional(ops.LINEAR, {"bias": None}),
+    aten.addmm.default: _addmm,
+    F.layer_norm: _functional(ops.LAYER_NORM, {"weight": None, "bias": None, "eps": 1e-5}),
+    aten.layer_norm.default: _functional(ops.LAYER_NORM, {"weight": None, "bias": None, "eps": 1e-5}, ("cudnn_enable",)),
+    F.rms_norm: _functional(ops.RMS_NORM, {"weight": None, "eps": None}),
+    aten.rms_norm.default: _functional(ops.RMS_NORM, {"weight": None, "eps": None}),
+    F.dropout: _functional(ops.DROPOUT, {"p": 0.5, "training": True, "inplace": False}),
+    torch.dropout: _dropout_aten,
+    aten.dropout.default: _dropout_aten,
+    aten.convolution.default: _aten_convolution,
+}
+def _overloads(packet: Any) -> list[Any]:
+    return [getattr(packet, name) for name in packet.overloads()]
+
+
+for _rank in (1, 2, 3):
+    for _transposed, _spellings in (
+        (False, (getattr(F, f"conv{_rank}d"), getattr(torch, f"conv{_rank}d"), getattr(aten, f"conv{_rank}d").default)),
+        (True, (getattr(F, f"conv_transpose{_rank}d"), *_overloads(getattr(aten, f"conv_transpose{_rank}d")))),
+    ):
+        for _target in _spellings:
+            _FUNCTION_SPELLINGS[_target] = _conv_function(_rank, _transposed)
+    _FUNCTION_SPELLINGS[getattr(aten, f"conv{_rank}d").padding] = _conv_function(_rank, False)
+
+_METHOD_SPELLINGS: dict[str, Callable[[Node], Canonical | None]] = {
+    "add": _binary(ops.ADD, "self", "other"),
+    "mul": _binary(ops.MUL, "self", "other"),
+}

@@ -1,0 +1,95 @@
+"""Capture: turn a model into an FX GraphModule.
+
+``torch.fx.symbolic_trace`` is tried first (it keeps module calls and parameter names and is
+fast); when it fails, or the traced graph does not run on the example inputs,
+``torch.export.export(strict=False)`` is tried. Both unlift parameters into ``get_attr`` nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Tracer
+
+from .errors import CaptureError
+from .interpret import run_graph
+
+LeafSpec = type | str
+
+
+@dataclass
+class Captured:
+    module: GraphModule
+    frontend: str
+    notes: list[str] = field(default_factory=list)
+
+
+class _LeafTracer(Tracer):
+    def __init__(self, leaves: tuple[LeafSpec, ...], autowrap_functions: tuple[Callable, ...]):
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self.leaf_names = {x for x in leaves if isinstance(x, str)}
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    autowrap_functions: Iterable[Callable] = (),
+) -> Captured:
+    """Capture ``model`` as a GraphModule whose nodes carry shapes recorded on ``example_inputs``."""
+    leaves, wrapped = tuple(leaf_modules), tuple(autowrap_functions)
+    try:
+        tracer = _LeafTracer(leaves, wrapped)
+        graph = tracer.trace(model)
+        gm = GraphModule(tracer.root, graph, type(model).__name__)
+        run_graph(gm, example_inputs)
+        return Captured(gm, "torch.fx.symbolic_trace")
+    except Exception as error:  # noqa: BLE001 - any tracing failure sends us to the next frontend
+        trace_error = error
+    try:
+        exported = torch.export.export(model, example_inputs, strict=False)
+        gm = exported.module()
+        _drop_guards(gm)
+        run_graph(gm, example_inputs)
+    except Exception as export_error:  # noqa: BLE001
+        raise CaptureError(_explain(model, trace_error, export_error)) from None
+    notes = [
+        f"symbolic_trace failed ({_first_line(trace_error)}); captured with torch.export, "
+        "so shapes are specialised to the example inputs"
+    ]
+    return Captured(gm, "torch.export", notes)
+
+
+def _drop_guards(gm: GraphModule) -> None:
+    """torch.export's input-shape guard module: it is not computation and cannot be saved as source."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _explain(model: torch.nn.Module, trace_error: BaseException, export_error: BaseException) -> str:
+    return (
+        f"fxopt could not capture {type(model).__name__} as a graph.\n"
+        f"  torch.fx.symbolic_trace: {_first_line(trace_error)}\n"
+        f"  torch.export.export(strict=False): {_first_line(export_error)}\n"
+        "What you can do: pass the submodules that hold data-dependent Python control flow as "
+        "leaf_modules=[MyBlock] (fxopt then leaves them untouched), wrap functions that cannot be "
+        "traced with autowrap_functions=[fn], and check that example_inputs is a tuple of the "
+        "arguments forward() takes (for HF transformers models, set use_cache=False in the config)."
+    )

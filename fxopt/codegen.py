@@ -1,0 +1,83 @@
+"""Codegen: a canonical graph back to a plain torch nn.Module, and saving it as source plus weights.
+
+``finalize`` lowers the canonical ops that are not torch functions (``fxopt.ops.conv`` becomes
+``F.pad`` + ``F.conv2d`` and friends, ``identity`` disappears), rebuilds the module hierarchy
+from the attributes the graph still reads (so state_dict keys are the original qualified names
+where parameters survive) and recompiles.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from . import ops
+from .interpret import attribute
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_SUFFIX = re.compile(r"^(.*)_\d+$")
+
+
+def finalize(gm: GraphModule, class_name: str, new_attributes: set[str]) -> GraphModule:
+    """Lower canonical ops to torch calls and return a fresh GraphModule holding only what it reads.
+
+    ``new_attributes`` are the names rewrites gave new constants (see ``Rewriter.new_constant``).
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if ops.CONV(node):
+            _lower_conv(graph, node)
+        elif ops.IDENTITY(node):
+            node.replace_all_uses_with(node.kwargs["input"])
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    attributes = _attributes_by_final_name(gm, new_attributes)
+    result = GraphModule(attributes, graph, class_name)
+    result.graph.lint()
+    return result
+
+
+def _lower_conv(graph: torch.fx.Graph, node: Node) -> None:
+    k = dict(node.kwargs)
+    rank = len(k["stride"])
+    x = k["input"]
+    padding = k["padding"]
+    with graph.inserting_before(node):
+        if k["padding_mode"] != "zeros":
+            x = graph.call_function(F.pad, (x, ops.pad_widths(padding)), {"mode": k["padding_mode"]})
+            padding = (0,) * rank
+        if k["transposed"]:
+            args = (x, k["weight"], k["bias"], k["stride"], padding, k["output_padding"], k["groups"], k["dilation"])
+            new = graph.call_function(_CONV_TRANSPOSE[rank], args)
+        else:
+            args = (x, k["weight"], k["bias"], k["stride"], padding, k["dilation"], k["groups"])
+            new = graph.call_function(_CONV[rank], args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _attributes_by_final_name(gm: GraphModule, new_attributes: set[str]) -> dict[str, Any]:
+    """Every attribute the graph reads, keyed by its final name.
+
+    A rewrite that replaced ``conv.weight`` had to call the new one ``conv.weight_1`` while the old
+    one was alive; the old one is gone now, so the new one takes the original name back.
+    """
+    targets = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    renames: dict[str, str] = {}
+    for target in sorted(targets & new_attributes):
+        m = _SUFFIX.match(target)
+        if m and m.group(1) not in targets and m.group(1) not in renames.values():
+            renames[target] = m.group(1)
+    attributes: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            final = renames.get(node.target, node.target)
+            attributes[final] = attribute(gm, node.target)
+            node.target = final
+    return attributes

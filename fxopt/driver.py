@@ -1,0 +1,142 @@
+"""The pass driver: capture -> canonicalize -> (match -> rewrite -> validate -> commit)* -> codegen -> verify."""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .canonical import canonicalize
+from .capture import LeafSpec, capture
+from .codegen import finalize
+from .errors import InputError
+from .interpret import attribute, topological
+from .pattern import Match, Pass, Skip, default_passes, get_pass
+from .report import PassReport, Report
+from .rewriter import Rewriter
+
+
+def optimize(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    *,
+    passes: Sequence[str] | None = None,
+    verify: bool = True,
+    inplace: bool = False,
+    leaf_modules: Iterable[LeafSpec] = (),
+    autowrap_functions: Iterable[Callable] = (),
+) -> GraphModule:
+    """Return a module that computes what ``model`` computes, cheaper.
+
+    ``example_inputs`` is a tuple of forward()'s arguments, as for torch.export. ``passes=None``
+    runs the default pipeline (see ``fxopt.list_passes()``); a list of names runs those, in that
+    order. ``verify=True`` validates every rewrite on the activations of the example inputs before
+    committing it (a failing one is rolled back and reported) and checks the whole result against
+    a float64 oracle at the end. ``model`` is never changed; ``inplace=True`` only skips the copy,
+    so the result shares the tensors of ``model`` that no pass changed. ``leaf_modules`` (types or
+    qualified names) and ``autowrap_functions`` are kept opaque by tracing.
+    The result carries ``.report`` (an :class:`fxopt.Report`).
+    """
+    if not isinstance(example_inputs, tuple):
+        raise InputError(
+            f"example_inputs must be a tuple of forward()'s arguments, got {type(example_inputs).__name__}; "
+            "for a single tensor write (x,)"
+        )
+    selected = default_passes() if passes is None else [get_pass(name) for name in passes]
+    working = model if inplace else copy.deepcopy(model)
+    captured = capture(working, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    gm = canonicalize(captured.module)
+    report = Report(type(model).__name__, captured.frontend, notes=list(captured.notes))
+    validator = _validator(gm, example_inputs) if verify else None
+    rewriter = Rewriter(gm)
+    for p in selected:
+        report.passes.append(apply_pass(gm, p, rewriter, validator))
+    result = finalize(gm, f"Optimized{type(model).__name__}", rewriter.committed_attributes)
+    if verify:
+        from fxopt.equivalence import verify as verify_models
+
+        report.verification = verify_models(model, result, example_inputs)
+    result.report = report
+    return result
+
+
+def _validator(gm: GraphModule, example_inputs: tuple):  # -> TranslationValidator
+    from fxopt.equivalence.translation import TranslationValidator
+
+    return TranslationValidator(gm, example_inputs)
+
+
+def apply_pass(gm: GraphModule, p: Pass, rewriter: Rewriter, validator=None) -> PassReport:
+    """Apply every pattern of ``p`` to a fixed point; return what happened."""
+    stats = PassReport(p.name, nodes_before=_count_nodes(gm), params_before=_count_params(gm))
+    patterns = sorted(p.patterns, key=lambda pat: -pat.benefit)
+    anchors = {pat.anchor.target for pat in patterns}
+    worklist = deque(n for n in gm.graph.nodes if n.op == "call_function" and n.target in anchors)
+    while worklist:
+        node = worklist.popleft()
+        if getattr(node, "_erased", False):
+            continue
+        skip: Skip | None = None
+        for pattern in patterns:
+            if not pattern.anchor(node):
+                continue
+            found = pattern.match(node, rewriter)
+            if isinstance(found, Skip):
+                skip = skip or found
+                continue
+            if found is None:
+                continue
+            stats.matched += 1
+            if _apply(found, pattern, rewriter, validator, stats, worklist, anchors):
+                skip = None
+                break
+        if skip is not None:
+            stats.skipped.append((node.name, skip.reason))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    stats.nodes_after, stats.params_after = _count_nodes(gm), _count_params(gm)
+    return stats
+
+
+def _apply(match: Match, pattern, rewriter: Rewriter, validator, stats: PassReport, worklist, anchors) -> bool:
+    rewriter.begin(match.root)
+    replacement = pattern.rewrite(match, rewriter)
+    replacements = {match.root: replacement}
+    matched = topological(match.nodes.values())
+    created = list(rewriter.created)
+    if validator is not None:
+        check = validator.check(matched, replacements, created)
+        if not check.passed:
+            rewriter.rollback()
+            stats.rolled_back.append((match.root.name, str(check)))
+            return False
+        stats.verified += 1
+        stats.max_rel_error = max(stats.max_rel_error, check.max_rel_error)
+    rewriter.commit(replacements, matched)
+    stats.applied += 1
+    worklist.extend(n for n in created if n.op == "call_function" and n.target in anchors)
+    return True
+
+
+def _count_nodes(gm: GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr"))
+
+
+def _count_params(gm: GraphModule) -> int:
+    return sum(t.numel() for t in _read_tensors(gm))
+
+
+def _read_tensors(gm: GraphModule) -> list[torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target not in seen:
+            value = attribute(gm, n.target)
+            if isinstance(value, torch.Tensor):
+                seen[n.target] = value
+        elif n.op == "call_module":
+            for name, t in gm.get_submodule(n.target).state_dict().items():
+                seen[f"{n.target}.{name}"] = t
+    return list(seen.values())

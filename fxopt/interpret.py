@@ -1,0 +1,123 @@
+"""Running a graph, or a piece of it, on real values.
+
+Capture uses this to record shapes; translation validation uses it to record the activations
+that reach a match and to evaluate the matched subgraph and its replacement, also in float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils import _pytree as pytree
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Restore every buffer afterwards: running a BatchNorm in training mode updates its statistics."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+
+
+class _Recorder(Interpreter):
+    def __init__(self, gm: GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+
+    def run_node(self, n: Node) -> Any:
+        value = super().run_node(n)
+        if isinstance(value, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        return value
+
+
+def run_graph(gm: GraphModule, example_inputs: tuple) -> dict[Node, Any]:
+    """Run ``gm`` on the inputs and return every node's value; annotates ``node.meta['tensor_meta']``."""
+    recorder = _Recorder(gm)
+    with torch.no_grad(), preserved_buffers(gm):
+        recorder.run(*pytree.tree_leaves(example_inputs))
+    return recorder.env
+
+
+def attribute(gm: torch.nn.Module, qualname: str) -> Any:
+    """The object at a dotted attribute path (what a get_attr node reads)."""
+    obj: Any = gm
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def topological(nodes: Iterable[Node]) -> list[Node]:
+    """The given nodes in an order where every node comes after those of them it reads."""
+    members = set(nodes)
+    ordered: list[Node] = []
+    seen: set[Node] = set()
+
+    def visit(n: Node) -> None:
+        if n in seen:
+            return
+        seen.add(n)
+        for arg in n.all_input_nodes:
+            if arg in members:
+                visit(arg)
+        ordered.append(n)
+
+    for n in members:
+        visit(n)
+    return ordered
+
+
+def run_nodes(
+    gm: GraphModule, nodes: Iterable[Node], env: dict[Node, Any], dtype: torch.dtype | None = None
+) -> dict[Node, Any]:
+    """Evaluate ``nodes`` (in topological order) reading outside values from ``env``.
+
+    With ``dtype``, every floating input and constant is cast to it first (the float64 oracle).
+    """
+
+    def cast(value: Any) -> Any:
+        if dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        return value
+
+    values: dict[Node, Any] = {}
+
+    def load(arg: Node) -> Any:
+        if arg in values:
+            return values[arg]
+        if arg.op == "get_attr":
+            return cast(attribute(gm, arg.target))
+        return pytree.tree_map(cast, env[arg])
+
+    with torch.no_grad():
+        for n in topological(nodes):
+            args = torch.fx.node.map_arg(n.args, load)
+            kwargs = torch.fx.node.map_arg(n.kwargs, load)
+            if n.op == "get_attr":
+                values[n] = cast(attribute(gm, n.target))
+            elif n.op == "call_function":
+                values[n] = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+            elif n.op == "call_module":
+                module = attribute(gm, n.target)
+                if dtype is not None:
+                    module = _module_in(module, dtype)
+                values[n] = module(*args, **kwargs)
+            else:
+                raise ValueError(f"cannot evaluate {n.op} node {n.name} outside its graph")
+    return values
+
+
+def _module_in(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return copy.deepcopy(module).to(dtype)

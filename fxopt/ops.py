@@ -1,0 +1,109 @@
+"""Canonical ops: the one spelling of each op that passes match on.
+
+A captured graph spells one operation many ways (``nn.Conv2d`` module, ``F.conv2d``,
+``torch.conv2d``, ``aten.conv2d.default``, a ``pad`` node in front for reflect padding...).
+:mod:`fxopt.canonical` rewrites every known spelling into a ``call_function`` node whose target
+is the canonical function below, with *all* arguments as keyword arguments under fixed names.
+A pattern therefore reads ``node.kwargs["groups"]`` and never cares how the model wrote it.
+
+Every canonical function is executable (it is the op's reference semantics), so a canonical
+graph runs as-is; :mod:`fxopt.codegen` lowers the ones that are not plain torch functions
+back to torch calls, so generated code needs nothing but torch.
+
+| op         | canonical target      | keyword arguments                                                  |
+|------------|-----------------------|--------------------------------------------------------------------|
+| conv       | ``fxopt.ops.conv``    | input weight bias stride padding dilation groups padding_mode transposed output_padding |
+| batch_norm | ``F.batch_norm``      | input running_mean running_var weight bias training momentum eps   |
+| linear     | ``F.linear``          | input weight bias                                                  |
+| layer_norm | ``F.layer_norm``      | input normalized_shape weight bias eps                             |
+| rms_norm   | ``F.rms_norm``        | input normalized_shape weight eps                                  |
+| dropout    | ``F.dropout``         | input p training inplace                                           |
+| identity   | ``fxopt.ops.identity``| input                                                              |
+| add, mul   | ``operator.add/mul``  | (positional: two operands; commutative)                            |
+
+``stride``, ``padding``, ``dilation`` and ``output_padding`` of a conv are tuples with one entry
+per spatial dimension; ``padding`` may stay a string ("same") when it is asymmetric.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, ...] = (1,),
+    padding: tuple[int, ...] | str = (0,),
+    dilation: tuple[int, ...] = (1,),
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    transposed: bool = False,
+    output_padding: tuple[int, ...] = (0,),
+) -> torch.Tensor:
+    """Convolution or transposed convolution of any spatial rank, with nn.ConvNd's padding modes."""
+    rank = weight.dim() - 2
+    if padding_mode != "zeros":
+        input = F.pad(input, pad_widths(padding), mode=padding_mode)
+        padding = (0,) * rank
+    if transposed:
+        return _CONV_TRANSPOSE[rank](input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _CONV[rank](input, weight, bias, stride, padding, dilation, groups)
+
+
+def identity(input: torch.Tensor) -> torch.Tensor:
+    """``nn.Identity``: kept as a node so that removing it is a visible pass."""
+    return input
+
+
+def pad_widths(padding: tuple[int, ...]) -> list[int]:
+    """Symmetric per-dimension padding in F.pad's order: last dimension first, (left, right) pairs."""
+    widths: list[int] = []
+    for p in reversed(padding):
+        widths += [p, p]
+    return widths
+
+
+class Op:
+    """A canonical op: its target and the names of its keyword arguments."""
+
+    def __init__(self, name: str, target: Any, fields: tuple[str, ...], commutative: bool = False):
+        self.name = name
+        self.target = target
+        self.fields = fields
+        self.commutative = commutative
+
+    def __call__(self, node: Any) -> bool:
+        """True when ``node`` is a canonical node of this op."""
+        return isinstance(node, Node) and node.op == "call_function" and node.target is self.target
+
+    def __repr__(self) -> str:
+        return f"Op({self.name})"
+
+
+CONV = Op(
+    "conv",
+    conv,
+    ("input", "weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode", "transposed", "output_padding"),
+)
+BATCH_NORM = Op(
+    "batch_norm", F.batch_norm, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+)
+LINEAR = Op("linear", F.linear, ("input", "weight", "bias"))
+LAYER_NORM = Op("layer_norm", F.layer_norm, ("input", "normalized_shape", "weight", "bias", "eps"))
+RMS_NORM = Op("rms_norm", F.rms_norm, ("input", "normalized_shape", "weight", "eps"))
+DROPOUT = Op("dropout", F.dropout, ("input", "p", "training", "inplace"))
+IDENTITY = Op("identity", identity, ("input",))
+ADD = Op("add", operator.add, (), commutative=True)
+MUL = Op("mul", operator.mul, (), commutative=True)
+
+ALL_OPS: tuple[Op, ...] = (CONV, BATCH_NORM, LINEAR, LAYER_NORM, RMS_NORM, DROPOUT, IDENTITY, ADD, MUL)

@@ -1,0 +1,4 @@
+"""The rewrite library: one file per pass family. Importing a module registers its passes;
+the default pipeline runs them in the order imported here."""
+
+from . import remove_noops, fold_bn  # noqa: F401  (registration)
