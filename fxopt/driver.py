@@ -23,7 +23,7 @@ def optimize(
     model: torch.nn.Module,
     example_inputs: tuple,
     *,
-    passes: Sequence[str] | None = None,
+    passes: Sequence[str | Pass] | None = None,
     verify: bool = True,
     inplace: bool = False,
     leaf_modules: Iterable[LeafSpec] = (),
@@ -32,8 +32,8 @@ def optimize(
     """Return a module that computes what ``model`` computes, cheaper.
 
     ``example_inputs`` is a tuple of forward()'s arguments, as for torch.export. ``passes=None``
-    runs the default pipeline (see ``fxopt.list_passes()``); a list of names runs those, in that
-    order. ``verify=True`` validates every rewrite on the activations of the example inputs before
+    runs the default pipeline (see ``fxopt.list_passes()``); a list of names (or Pass objects, for
+    a pass being written) runs those, in that order. ``verify=True`` validates every rewrite on the activations of the example inputs before
     committing it (a failing one is rolled back and reported) and checks the whole result against
     a float64 oracle at the end. ``model`` is never changed; ``inplace=True`` only skips the copy,
     so the result shares the tensors of ``model`` that no pass changed. ``leaf_modules`` (types or
@@ -45,7 +45,7 @@ def optimize(
             f"example_inputs must be a tuple of forward()'s arguments, got {type(example_inputs).__name__}; "
             "for a single tensor write (x,)"
         )
-    selected = default_passes() if passes is None else [get_pass(name) for name in passes]
+    selected = default_passes() if passes is None else [p if isinstance(p, Pass) else get_pass(p) for p in passes]
     working = model if inplace else copy.deepcopy(model)
     captured = capture(working, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     gm = canonicalize(captured.module)
