@@ -7,12 +7,13 @@ from .errors import CaptureError, FxoptError, InputError, SaveError, UnknownPass
 from .pattern import Match, Pass, Pattern, Skip, list_passes, register
 from .report import PassReport, Report
 from .rewriter import Rewriter
+from .saving import load, save
 
 from . import patterns  # noqa: E402,F401  (registers the pass library)
-from .equivalence import verify  # noqa: E402
+from .equivalence import bisect, verify  # noqa: E402
 
 __all__ = [
-    "optimize", "verify", "list_passes", "capture", "register", "Pass", "Pattern", "Match", "Skip",
+    "optimize", "verify", "bisect", "list_passes", "save", "load", "capture", "register", "Pass", "Pattern", "Match", "Skip",
     "Rewriter", "Report", "PassReport", "CaptureError", "FxoptError", "InputError", "SaveError",
     "UnknownPassError",
 ]

@@ -314,7 +314,7 @@ def _addmm(node: Node) -> Canonical | None:
         or (mat2.target is aten.transpose.int and sorted(mat2.args[1:3]) == [0, 1])
     )
     if not is_transpose or mat2.args[0].op != "get_attr":
-        return None
+        return ops.ADDMM, {"input": bound["self"], "mat1": bound["mat1"], "mat2": mat2}
     return ops.LINEAR, {"input": bound["mat1"], "weight": mat2.args[0], "bias": bound["self"]}
 
 
@@ -351,6 +351,43 @@ def _dropout_aten(node: Node) -> Canonical | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# average pooling (2-D)
+
+
+def _avg_pool_kwargs(bound: dict[str, Any]) -> Canonical:
+    kernel = _tuple(bound["kernel_size"], 2)
+    stride = bound["stride"]
+    return ops.AVG_POOL, {
+        "input": bound["input"],
+        "kernel_size": kernel,
+        "stride": kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) else _tuple(stride, 2),
+        "padding": _tuple(bound["padding"], 2),
+        "ceil_mode": bound["ceil_mode"],
+        "count_include_pad": bound["count_include_pad"],
+        "divisor_override": bound["divisor_override"],
+    }
+
+
+_AVG_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+
+
+def _avg_pool_function(node: Node) -> Canonical | None:
+    bound = _bind(node, ops.AVG_POOL.fields, _AVG_POOL_DEFAULTS)
+    return None if bound is None else _avg_pool_kwargs(bound)
+
+
+def _avg_pool_aten(node: Node) -> Canonical | None:
+    names, defaults = _schema_names(aten.avg_pool2d.default)
+    bound = _bind(node, names, defaults)
+    return None if bound is None else _avg_pool_kwargs({**bound, "input": bound["self"]})
+
+
+def _avg_pool_module(node: Node, m: nn.AvgPool2d) -> Canonical:
+    fields = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    return _avg_pool_kwargs({"input": node.args[0], **{f: getattr(m, f) for f in fields}})
+
+
+# ---------------------------------------------------------------------------------------------
 # add and mul
 
 
@@ -367,6 +404,14 @@ def _binary(op: Op, first: str, second: str) -> Callable[[Node], Canonical | Non
     return convert
 
 
+def _matmul(first: str, second: str) -> Callable[[Node], Canonical | None]:
+    def convert(node: Node) -> Canonical | None:
+        bound = _bind(node, (first, second), {})
+        return None if bound is None else (ops.MATMUL, {"input": bound[first], "other": bound[second]})
+
+    return convert
+
+
 # ---------------------------------------------------------------------------------------------
 # the spelling tables
 
@@ -378,6 +423,7 @@ _MODULE_SPELLINGS: list[tuple[tuple[type, ...], Callable[[Node, Any], Canonical 
     ((nn.RMSNorm,), _rms_norm_module),
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), _dropout_module),
     ((nn.Identity,), lambda node, m: (ops.IDENTITY, {"input": node.args[0]})),
+    ((nn.AvgPool2d,), _avg_pool_module),
 ]
 
 _FUNCTION_SPELLINGS: dict[Any, Callable[[Node], Canonical | None]] = {
@@ -387,6 +433,14 @@ _FUNCTION_SPELLINGS: dict[Any, Callable[[Node], Canonical | None]] = {
     operator.mul: _binary(ops.MUL, "a", "b"),
     torch.mul: _binary(ops.MUL, "input", "other"),
     aten.mul.Tensor: _binary(ops.MUL, "self", "other"),
+    operator.sub: _binary(ops.SUB, "a", "b"),
+    torch.sub: _binary(ops.SUB, "input", "other"),
+    aten.sub.Tensor: _binary(ops.SUB, "self", "other"),
+    operator.matmul: _matmul("a", "b"),
+    torch.matmul: _matmul("input", "other"),
+    aten.matmul.default: _matmul("self", "other"),
+    aten.mm.default: _matmul("self", "mat2"),
+    torch.addmm: _addmm,
     F.batch_norm: _functional(
         ops.BATCH_NORM, {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
     ),
@@ -404,6 +458,8 @@ _FUNCTION_SPELLINGS: dict[Any, Callable[[Node], Canonical | None]] = {
     torch.dropout: _dropout_aten,
     aten.dropout.default: _dropout_aten,
     aten.convolution.default: _aten_convolution,
+    F.avg_pool2d: _avg_pool_function,
+    aten.avg_pool2d.default: _avg_pool_aten,
 }
 def _overloads(packet: Any) -> list[Any]:
     return [getattr(packet, name) for name in packet.overloads()]
@@ -421,4 +477,6 @@ for _rank in (1, 2, 3):
 _METHOD_SPELLINGS: dict[str, Callable[[Node], Canonical | None]] = {
     "add": _binary(ops.ADD, "self", "other"),
     "mul": _binary(ops.MUL, "self", "other"),
+    "sub": _binary(ops.SUB, "self", "other"),
+    "matmul": _matmul("self", "other"),
 }

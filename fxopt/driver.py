@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 from .canonical import canonicalize
 from .capture import LeafSpec, capture
 from .codegen import finalize
-from .errors import InputError
+from .errors import FxoptError, InputError
 from .interpret import attribute, topological
 from .pattern import Match, Pass, Skip, default_passes, get_pass
 from .report import PassReport, Report
@@ -35,7 +35,8 @@ def optimize(
     runs the default pipeline (see ``fxopt.list_passes()``); a list of names (or Pass objects, for
     a pass being written) runs those, in that order. ``verify=True`` validates every rewrite on the activations of the example inputs before
     committing it (a failing one is rolled back and reported) and checks the whole result against
-    a float64 oracle at the end. ``model`` is never changed; ``inplace=True`` only skips the copy,
+    a float64 oracle at the end (3 examples; ``fxopt.verify(model, result, example_inputs,
+    examples=N)`` checks more). ``model`` is never changed; ``inplace=True`` only skips the copy,
     so the result shares the tensors of ``model`` that no pass changed. ``leaf_modules`` (types or
     qualified names) and ``autowrap_functions`` are kept opaque by tracing.
     The result carries ``.report`` (an :class:`fxopt.Report`).
@@ -58,7 +59,8 @@ def optimize(
     if verify:
         from fxopt.equivalence import verify as verify_models
 
-        report.verification = verify_models(model, result, example_inputs)
+        # every rewrite was already validated on real activations: a few whole-model examples suffice
+        report.verification = verify_models(model, result, example_inputs, examples=3)
     result.report = report
     return result
 
@@ -73,9 +75,14 @@ def apply_pass(gm: GraphModule, p: Pass, rewriter: Rewriter, validator=None) -> 
     """Apply every pattern of ``p`` to a fixed point; return what happened."""
     stats = PassReport(p.name, nodes_before=_count_nodes(gm), params_before=_count_params(gm))
     patterns = sorted(p.patterns, key=lambda pat: -pat.benefit)
-    anchors = {pat.anchor.target for pat in patterns}
-    worklist = deque(n for n in gm.graph.nodes if n.op == "call_function" and n.target in anchors)
+    worklist = deque(n for n in gm.graph.nodes if _anchors_a_pattern(n, patterns))
+    budget = 10 * len(gm.graph.nodes) + 100  # a correct pass shrinks or keeps the graph: this is ample
     while worklist:
+        if stats.matched > budget:
+            raise FxoptError(
+                f"pass {p.name!r} did not reach a fixed point after {stats.matched} matches: a pattern's "
+                "replacement matches the pattern again; make rewrite() produce something match() rejects"
+            )
         node = worklist.popleft()
         if getattr(node, "_erased", False):
             continue
@@ -90,18 +97,23 @@ def apply_pass(gm: GraphModule, p: Pass, rewriter: Rewriter, validator=None) -> 
             if found is None:
                 continue
             stats.matched += 1
-            if _apply(found, pattern, rewriter, validator, stats, worklist, anchors):
+            if _apply(found, pattern, rewriter, validator, stats, worklist, patterns):
                 skip = None
                 break
         if skip is not None:
             stats.skipped.append((node.name, skip.reason))
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_impure)
     gm.recompile()
     stats.nodes_after, stats.params_after = _count_nodes(gm), _count_params(gm)
     return stats
 
 
-def _apply(match: Match, pattern, rewriter: Rewriter, validator, stats: PassReport, worklist, anchors) -> bool:
+def _anchors_a_pattern(node: Node, patterns) -> bool:
+    """Asked of each anchor op itself, so an anchor may accept more than one target (see ops.ANY)."""
+    return any(pat.anchor(node) for pat in patterns)
+
+
+def _apply(match: Match, pattern, rewriter: Rewriter, validator, stats: PassReport, worklist, patterns) -> bool:
     rewriter.begin(match.root)
     replacement = pattern.rewrite(match, rewriter)
     replacements = {match.root: replacement}
@@ -117,8 +129,16 @@ def _apply(match: Match, pattern, rewriter: Rewriter, validator, stats: PassRepo
         stats.max_rel_error = max(stats.max_rel_error, check.max_rel_error)
     rewriter.commit(replacements, matched)
     stats.applied += 1
-    worklist.extend(n for n in created if n.op == "call_function" and n.target in anchors)
+    worklist.extend(n for n in created if _anchors_a_pattern(n, patterns))
     return True
+
+
+def _impure(node: Node) -> bool:
+    """Side-effecting nodes survive dead-code elimination, except torch.export's dtype/device
+    assertions on a value nothing else reads: they would keep a replaced weight alive."""
+    if node.target is torch.ops.aten._assert_tensor_metadata.default:
+        return any(len(arg.users) > 1 for arg in node.all_input_nodes)
+    return node.is_impure()
 
 
 def _count_nodes(gm: GraphModule) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -78,11 +78,16 @@ def topological(nodes: Iterable[Node]) -> list[Node]:
 
 
 def run_nodes(
-    gm: GraphModule, nodes: Iterable[Node], env: dict[Node, Any], dtype: torch.dtype | None = None
+    gm: GraphModule,
+    nodes: Iterable[Node],
+    env: dict[Node, Any],
+    dtype: torch.dtype | None = None,
+    constants: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[Node, Any]:
     """Evaluate ``nodes`` (in topological order) reading outside values from ``env``.
 
-    With ``dtype``, every floating input and constant is cast to it first (the float64 oracle).
+    With ``dtype``, every floating input and constant is cast to it first (the float64 oracle);
+    ``constants`` then maps each constant tensor read by a get_attr (e.g. to perturb it).
     """
 
     def cast(value: Any) -> Any:
@@ -96,15 +101,21 @@ def run_nodes(
         if arg in values:
             return values[arg]
         if arg.op == "get_attr":
-            return cast(attribute(gm, arg.target))
+            return constant(arg)
         return pytree.tree_map(cast, env[arg])
+
+    def constant(n: Node) -> Any:
+        value = attribute(gm, n.target)
+        if constants is not None and isinstance(value, torch.Tensor):
+            return cast(constants(value))
+        return cast(value)
 
     with torch.no_grad():
         for n in topological(nodes):
             args = torch.fx.node.map_arg(n.args, load)
             kwargs = torch.fx.node.map_arg(n.kwargs, load)
             if n.op == "get_attr":
-                values[n] = cast(attribute(gm, n.target))
+                values[n] = constant(n)
             elif n.op == "call_function":
                 values[n] = n.target(*args, **kwargs)
             elif n.op == "call_method":

@@ -19,7 +19,11 @@ back to torch calls, so generated code needs nothing but torch.
 | rms_norm   | ``F.rms_norm``        | input normalized_shape weight eps                                  |
 | dropout    | ``F.dropout``         | input p training inplace                                           |
 | identity   | ``fxopt.ops.identity``| input                                                              |
+| avg_pool   | ``F.avg_pool2d``      | input kernel_size stride padding ceil_mode count_include_pad divisor_override |
 | add, mul   | ``operator.add/mul``  | (positional: two operands; commutative)                            |
+| sub        | ``operator.sub``      | (positional: two operands)                                         |
+| matmul     | ``torch.matmul``      | input other                                                        |
+| addmm      | ``torch.addmm``       | input mat1 mat2 (torch's names: ``input`` is the bias)             |
 
 ``stride``, ``padding``, ``dilation`` and ``output_padding`` of a conv are tuples with one entry
 per spatial dimension; ``padding`` may stay a string ("same") when it is asymmetric.
@@ -105,5 +109,24 @@ DROPOUT = Op("dropout", F.dropout, ("input", "p", "training", "inplace"))
 IDENTITY = Op("identity", identity, ("input",))
 ADD = Op("add", operator.add, (), commutative=True)
 MUL = Op("mul", operator.mul, (), commutative=True)
+SUB = Op("sub", operator.sub, ())
+MATMUL = Op("matmul", torch.matmul, ("input", "other"))
+# bias + mat1 @ mat2 with a stored (in, out) weight, as GPT-2's Conv1D and fan_in_fan_out layers compute
+ADDMM = Op("addmm", torch.addmm, ("input", "mat1", "mat2"))
 
-ALL_OPS: tuple[Op, ...] = (CONV, BATCH_NORM, LINEAR, LAYER_NORM, RMS_NORM, DROPOUT, IDENTITY, ADD, MUL)
+AVG_POOL = Op(
+    "avg_pool", F.avg_pool2d, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+)
+
+ALL_OPS: tuple[Op, ...] = (CONV, BATCH_NORM, LINEAR, LAYER_NORM, RMS_NORM, DROPOUT, IDENTITY, ADD, MUL, AVG_POOL, SUB, MATMUL, ADDMM)
+
+
+class _AnyCall(Op):
+    """The anchor of patterns that must see every call (constant folding): any call_function or
+    call_method node, canonical or not. Not a canonical op, so it is not in ALL_OPS."""
+
+    def __call__(self, node: Any) -> bool:
+        return isinstance(node, Node) and node.op in ("call_function", "call_method")
+
+
+ANY = _AnyCall("any", None, ())

@@ -1,4 +1,4 @@
 """The rewrite library: one file per pass family. Importing a module registers its passes;
 the default pipeline runs them in the order imported here."""
 
-from . import remove_noops, fold_bn  # noqa: F401  (registration)
+from . import remove_noops, fold_bn, fold_constants, reparam_conv, merge_lora  # noqa: F401  (registration)

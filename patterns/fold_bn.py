@@ -55,13 +55,13 @@ def _bias_name(layer: Node) -> str:
     return target.removesuffix("weight") + "bias" if target.endswith("weight") else f"{target}_bias"
 
 
-def _new_layer(rw: Rewriter, layer: Node, weight: torch.Tensor, bias: torch.Tensor) -> Node:
-    """A copy of a canonical conv/linear node with new (float64-computed) weight and bias."""
+def _new_layer(rw: Rewriter, layer: Node, weight: torch.Tensor, bias: torch.Tensor, input: Node) -> Node:
+    """A copy of a canonical conv/linear node reading ``input``, with new (float64-computed) weight and bias."""
     dtype = rw.constant(layer.kwargs["weight"]).dtype
     w = rw.new_constant(layer.kwargs["weight"].target, weight.to(dtype))
     b = rw.new_constant(_bias_name(layer), bias.to(dtype))
     op = CONV if CONV(layer) else LINEAR
-    return rw.call(op, **{**layer.kwargs, "weight": w, "bias": b})
+    return rw.call(op, **{**layer.kwargs, "input": input, "weight": w, "bias": b})
 
 
 def _weight_and_bias(layer: Node, rw: Rewriter, out_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ class ConvThenBN(Pattern):
             weight = weight * scale.view(*scale.shape, *spatial)
         else:
             weight = weight * a.view(-1, 1, *spatial)
-        return _new_layer(rw, conv, weight, bias * a + c)
+        return _new_layer(rw, conv, weight, bias * a + c, conv.kwargs["input"])
 
 
 class LinearThenBN(Pattern):
@@ -125,7 +125,7 @@ class LinearThenBN(Pattern):
         linear, bn = match.nodes["linear"], match.nodes["bn"]
         a, c = bn_affine(bn, rw)
         weight, bias = _weight_and_bias(linear, rw, a.numel())
-        return _new_layer(rw, linear, weight * a[:, None], bias * a + c)
+        return _new_layer(rw, linear, weight * a[:, None], bias * a + c, linear.kwargs["input"])
 
 
 class BNThenConv(Pattern):
@@ -155,7 +155,7 @@ class BNThenConv(Pattern):
         channel_c = c.view(groups, 1, in_g).expand(groups, out // groups, in_g).reshape(out, in_g)
         spatial = (1,) * (weight.dim() - 2)
         bias = bias + (weight * channel_c.view(out, in_g, *spatial)).flatten(1).sum(1)
-        return _new_layer(rw, conv, weight * channel_a.view(out, in_g, *spatial), bias)
+        return _new_layer(rw, conv, weight * channel_a.view(out, in_g, *spatial), bias, bn.kwargs["input"])
 
 
 class BNThenLinear(Pattern):
@@ -177,7 +177,7 @@ class BNThenLinear(Pattern):
         bn, linear = match.nodes["bn"], match.nodes["linear"]
         a, c = bn_affine(bn, rw)
         weight, bias = _weight_and_bias(linear, rw, rw.constant(linear.kwargs["weight"]).shape[0])
-        return _new_layer(rw, linear, weight * a[None, :], bias + weight @ c)
+        return _new_layer(rw, linear, weight * a[None, :], bias + weight @ c, bn.kwargs["input"])
 
 
 def _as_skip(result: object) -> Skip | None:

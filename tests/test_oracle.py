@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxopt.equivalence import ORACLE_FACTOR, LeafError, compare, tolerance_floor
+from fxopt.equivalence.oracle import oracle_factor
 from fxopt.equivalence.oracle import max_errors
 
 
@@ -166,12 +167,25 @@ def test_matching_infinities_pass_and_mismatched_ones_fail() -> None:
 
 
 def test_reference_error_widens_the_bound() -> None:
-    oracle = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    reference = torch.tensor([1.0, 2.01])  # the reference itself is off by 0.01
-    within = torch.tensor([1.0 + ORACLE_FACTOR * 0.01 * 0.99, 2.0])
-    beyond = torch.tensor([1.0 + ORACLE_FACTOR * 0.01 * 1.01 + 1e-3, 2.0])
+    oracle = torch.linspace(1.0, 2.0, 100, dtype=torch.float64)
+    reference = oracle.float()
+    reference[1] += 0.01  # the reference itself is off by about 0.01
+    e_ref = (reference.double() - oracle).abs().max().item()
+    within, beyond = oracle.float(), oracle.float()
+    within[0] += ORACLE_FACTOR * e_ref * 0.99
+    beyond[0] += ORACLE_FACTOR * e_ref * 1.01 + 1e-3
     assert passed(compare(oracle, reference, within))
     assert not passed(compare(oracle, reference, beyond))
+
+
+def test_small_leaves_get_a_larger_factor() -> None:
+    assert oracle_factor(1) == 10 * ORACLE_FACTOR
+    assert oracle_factor(25) == 2 * ORACLE_FACTOR
+    assert oracle_factor(100) == oracle_factor(10_000) == ORACLE_FACTOR
+    oracle = torch.tensor([1.0], dtype=torch.float64)
+    reference = torch.tensor([1.01])
+    assert passed(compare(oracle, reference, torch.tensor([1.0 + 0.01 * oracle_factor(1) * 0.99])))
+    assert not passed(compare(oracle, reference, torch.tensor([1.0 + 0.01 * oracle_factor(1) * 1.01 + 1e-3])))
 
 
 def test_all_zero_oracle_reports_abs_as_rel() -> None:

@@ -1,0 +1,168 @@
+"""fold_constants: evaluate, once, every computation that reads only constants.
+
+A layer that builds its kernel in forward from its parameters (DEA-Net's difference convs, a
+weight standardisation, a reparameterised scale) recomputes the same tensor on every call. Any
+pure, deterministic call whose inputs are constants (parameters, buffers, python values, or other
+such calls) is evaluated at optimisation time and replaced by a new constant; the parameters it
+read disappear when nothing else reads them. Only the outermost tensor of a constant chain is
+materialised (its intermediate values are evaluated with it), so a chain costs one evaluation.
+Random ops and calls that mutate a tensor are never folded.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch.fx import Node
+
+from fxopt.interpret import run_nodes
+from fxopt.ops import ANY, BATCH_NORM
+from fxopt.pattern import Match, Pass, Pattern, Skip, register
+from fxopt.rewriter import Rewriter
+
+# Random (or dropout) functions: each call must draw anew.
+_RANDOM_FUNCTIONS = {
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like, torch.randint_like,
+    torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, torch.dropout, torch.feature_dropout,
+    torch.alpha_dropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.feature_alpha_dropout, F.rrelu, F.gumbel_softmax,
+}
+_RANDOM_METHODS = {"bernoulli", "multinomial"}
+# Functions that write into an argument.
+_MUTATING_FUNCTIONS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul,
+}
+
+
+def _is_aten(target: Any) -> bool:
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def _is_pure(node: Node) -> bool:
+    """A deterministic call that writes into none of its arguments."""
+    if node.op == "call_method":
+        name = node.target
+        return not (name.endswith("_") and not name.endswith("__")) and name not in _RANDOM_METHODS
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if _is_aten(target):
+        return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+    if target in _RANDOM_FUNCTIONS or target in _MUTATING_FUNCTIONS:
+        return False
+    if BATCH_NORM(node) and node.kwargs["training"]:
+        return False  # updates the running statistics
+    return node.kwargs.get("inplace") is not True and "out" not in node.kwargs
+
+
+def _mutated(node: Node) -> bool:
+    """True when some user writes into ``node``'s value (folding it would freeze the write).
+
+    For a get_attr, every read of the same attribute counts: a buffer updated in forward is not constant.
+    """
+    readers = node.graph.find_nodes(op="get_attr", target=node.target) if node.op == "get_attr" else [node]
+    return any(
+        user.op in ("call_function", "call_method") and not _is_pure(user) for n in readers for user in n.users
+    )
+
+
+def constant_closure(node: Node, rw: Rewriter) -> list[Node] | None:
+    """``node`` and every call and get_attr it depends on, when all of it is constant; else None."""
+    closure: dict[Node, None] = {}
+
+    def visit(n: Node) -> bool:
+        if n in closure:
+            return True
+        if n.op == "get_attr":
+            ok = rw.constant(n) is not None and not _mutated(n)
+        else:
+            ok = _is_pure(n) and not _mutated(n) and all(visit(arg) for arg in n.all_input_nodes)
+        if ok:
+            closure[n] = None
+        return ok
+
+    return list(closure) if visit(node) else None
+
+
+class FoldConstantCall(Pattern):
+    """A tensor-valued call whose inputs are all constant, at the end of its constant chain."""
+
+    anchor = ANY
+
+    def match(self, node: Node, rw: Rewriter) -> Match | Skip | None:
+        if rw.shape(node) is None:
+            return None  # not a tensor (a shape, a tuple): folded together with the tensor it feeds
+        closure = constant_closure(node, rw)
+        if closure is None:
+            return None
+        if node.users and all(_folds_later(user, rw) for user in node.users):
+            return None  # every user folds this value together with its own: one evaluation for the chain
+        return Match(node, {n.name: n for n in closure})
+
+    def rewrite(self, match: Match, rw: Rewriter) -> Node:
+        value = run_nodes(rw.gm, match.nodes.values(), {})[match.root]
+        # a copy: the result may be a view of a parameter that stays in use elsewhere
+        return rw.new_constant(_constant_name(match), value.detach().clone())
+
+
+def _folds_later(user: Node, rw: Rewriter) -> bool:
+    return user.op != "output" and rw.shape(user) is not None and constant_closure(user, rw) is not None
+
+
+def _constant_name(match: Match) -> str:
+    """Named after a parameter it is computed from (``conv.weight`` -> ``conv.weight_folded``)."""
+    sources = [n.target for n in match.nodes.values() if n.op == "get_attr"]
+    return f"{sources[0]}_folded" if sources else f"_folded_{match.root.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# instances: layers that compute their kernel (or a scale) from their parameters in forward
+
+
+class _StandardisedConv(nn.Conv2d):
+    """Weight standardisation: the kernel is normalised per output channel on every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear whose effective weight is a per-row exp-scale of its raw weight."""
+
+    def __init__(self, fin: int, fout: int):
+        super().__init__(fin, fout)
+        self.log_scale = nn.Parameter(torch.randn(fout, 1) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.log_scale.exp(), self.bias.view(-1).clone())
+
+
+@st.composite
+def fold_constants_instances(draw) -> tuple[nn.Module, tuple]:
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    if draw(st.booleans()):
+        cin, cout = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        model = _StandardisedConv(cin, cout, draw(st.sampled_from([1, 3])), padding=1)
+        return model.eval(), (torch.randn(draw(st.integers(1, 2)), cin, 6, 6),)
+    fin, fout = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    return _ScaledLinear(fin, fout).eval(), (torch.randn(draw(st.integers(1, 3)), fin),)
+
+
+FOLD_CONSTANTS = register(
+    Pass(
+        name="fold_constants",
+        description="Evaluate computations that read only constants (kernels built from parameters) once",
+        patterns=(FoldConstantCall(),),
+        instances=fold_constants_instances,
+    )
+)

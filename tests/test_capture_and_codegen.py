@@ -1,0 +1,159 @@
+"""Capture frontends, one pattern for every spelling, codegen, save/load, and the public API's errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.examples import randomize_batch_norms
+
+
+def conv_bn(x_channels: int = 3) -> nn.Module:
+    return randomize_batch_norms(nn.Sequential(nn.Conv2d(x_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
+
+
+class FunctionalSpelling(nn.Module):
+    """F.conv2d + F.batch_norm on the module's own tensors, keyword and positional arguments mixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = conv_bn().eval()
+
+    def forward(self, x):
+        conv, bn = self.inner[0], self.inner[1]
+        y = F.conv2d(x, conv.weight, bias=conv.bias, padding=1)
+        y = F.batch_norm(y, bn.running_mean, bn.running_var, weight=bn.weight, bias=bn.bias, eps=bn.eps)
+        return torch.relu(y)
+
+
+class TorchSpelling(FunctionalSpelling):
+    def forward(self, x):
+        conv, bn = self.inner[0], self.inner[1]
+        y = torch.conv2d(x, conv.weight, conv.bias, 1, 1)
+        y = torch.batch_norm(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, bn.eps, True)
+        return y.relu()
+
+
+class NotTraceable(nn.Module):
+    """Shape-dependent control flow: symbolic_trace fails, torch.export specialises it to the example."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = conv_bn().eval()
+
+    def forward(self, x):
+        if x.shape[0] > 1:  # symbolic_trace cannot branch on a Proxy
+            return self.body(x)
+        return self.body(-x)
+
+
+@pytest.mark.parametrize("model_cls", [FunctionalSpelling, TorchSpelling])
+def test_every_spelling_is_folded(model_cls):
+    model, x = model_cls().eval(), torch.randn(2, 3, 6, 6)
+    result = fxopt.optimize(model, (x,), passes=["fold_bn"])
+    assert result.report.passes[0].applied == 1
+    assert result.report.verification.passed
+
+
+def test_exported_graph_aten_spelling_is_folded():
+    model, x = NotTraceable().eval(), torch.ones(1, 3, 6, 6)
+    result = fxopt.optimize(model, (x,), passes=["fold_bn"])
+    assert result.report.frontend == "torch.export"
+    assert result.report.passes[0].applied == 1
+    assert torch.allclose(result(x), model(x), atol=1e-5)
+    assert "symbolic_trace failed" in str(result.report)
+
+
+def test_capture_error_quotes_both_frontends_and_says_what_to_do():
+    class Hopeless(nn.Module):
+        def forward(self, x):
+            return torch.randn(int(x.sum().item()) % 3 + 1) if x.numel() > 1 else x.tolist()
+
+    with pytest.raises(fxopt.CaptureError) as error:
+        fxopt.optimize(Hopeless(), (torch.ones(2),))
+    text = str(error.value)
+    assert "symbolic_trace" in text and "torch.export" in text and "leaf_modules" in text
+
+
+def test_unknown_pass_and_bad_example_inputs_are_explained():
+    with pytest.raises(fxopt.UnknownPassError, match="fold_bn"):
+        fxopt.optimize(conv_bn().eval(), (torch.randn(1, 3, 4, 4),), passes=["fold_bnn"])
+    with pytest.raises(fxopt.InputError, match="tuple"):
+        fxopt.optimize(conv_bn().eval(), torch.randn(1, 3, 4, 4))
+
+
+def test_report_table_lists_each_pass_with_counts_and_skip_reasons():
+    model = conv_bn()  # training mode: fold_bn skips with its reason
+    result = fxopt.optimize(model, (torch.randn(2, 3, 4, 4),), passes=["fold_bn"], verify=False)
+    text = str(result.report)
+    assert "fold_bn" in text and "training mode" in text and "symbolic_trace" in text
+
+
+def test_list_passes_describes_each_pass():
+    passes = fxopt.list_passes()
+    assert {"fold_bn", "remove_noops"} <= passes.keys()
+    assert all(isinstance(d, str) and d for d in passes.values())
+
+
+def test_result_works_with_torch_compile_and_export():
+    model, x = conv_bn().eval(), torch.randn(1, 3, 8, 8)
+    result = fxopt.optimize(model, (x,))
+    exported = torch.export.export(result, (x,))
+    assert torch.allclose(exported.module()(x), result(x))
+    compiled = torch.compile(result, backend="eager")
+    assert torch.allclose(compiled(x), result(x))
+
+
+def test_generated_code_is_readable_and_keeps_parameter_names():
+    result = fxopt.optimize(conv_bn().eval(), (torch.randn(1, 3, 8, 8),))
+    assert "conv2d" in result.code and "batch_norm" not in result.code
+    assert sorted(result.state_dict()) == ["0.bias", "0.weight"]
+
+
+def test_save_load_round_trip_and_fresh_process_with_torch_only(tmp_path):
+    model, x = conv_bn().eval(), torch.randn(1, 3, 8, 8)
+    result = fxopt.optimize(model, (x,))
+    fxopt.save(result, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["module.py", "weights.safetensors"]
+    assert torch.equal(fxopt.load(tmp_path)(x), result(x))
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(result(x), tmp_path / "y.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, torch
+        sys.modules["fxopt"] = None; sys.modules["safetensors"] = None  # only torch may be used
+        spec = importlib.util.spec_from_file_location("saved", r"{tmp_path}/module.py")
+        saved = importlib.util.module_from_spec(spec); spec.loader.exec_module(saved)
+        model = saved.load(r"{tmp_path}")
+        x, y = torch.load(r"{tmp_path}/x.pt"), torch.load(r"{tmp_path}/y.pt")
+        assert torch.equal(model(x), y)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_load_refuses_weights_that_do_not_match_the_module(tmp_path):
+    from safetensors.torch import save_file
+
+    fxopt.save(fxopt.optimize(conv_bn().eval(), (torch.randn(1, 3, 8, 8),)), tmp_path)
+    save_file({"0.weight": torch.zeros(4, 3, 3, 3), "0.bias": torch.zeros(5)}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(fxopt.SaveError, match="does not match"):
+        fxopt.load(tmp_path)
+
+
+def test_hf_models_are_captured_with_export_when_symbolic_trace_fails():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, use_cache=False)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    result = fxopt.optimize(model, (ids,))
+    assert result.report.frontend == "torch.export"
+    assert result.report.verification.passed
+    assert torch.allclose(result(ids).logits, model(ids).logits, atol=1e-5)
