@@ -116,7 +116,7 @@ def _anchors_a_pattern(node: Node, patterns) -> bool:
 def _apply(match: Match, pattern, rewriter: Rewriter, validator, stats: PassReport, worklist, patterns) -> bool:
     rewriter.begin(match.root)
     replacement = pattern.rewrite(match, rewriter)
-    replacements = {match.root: replacement}
+    replacements = replacement if isinstance(replacement, dict) else {match.root: replacement}
     matched = topological(match.nodes.values())
     created = list(rewriter.created)
     if validator is not None:

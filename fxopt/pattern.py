@@ -8,7 +8,9 @@ looks around the node and answers
 * ``Match(root, nodes)``: the subgraph ``nodes`` may be replaced; ``root`` is its output.
 
 ``rewrite`` then builds the replacement through the :class:`~fxopt.rewriter.Rewriter` and returns
-the node that takes over ``root``'s uses. It must not change existing nodes: the engine validates
+the node that takes over ``root``'s uses, or, for a rewrite that replaces several nodes of the
+match at once, a dict {replaced node: replacement} (build each under ``rw.inserting_before``).
+It must not change existing nodes: the engine validates
 the replacement against the matched subgraph first and commits or rolls it back.
 """
 
@@ -54,7 +56,7 @@ class Pattern(ABC):
     def match(self, node: Node, rw: Rewriter) -> Match | Skip | None: ...
 
     @abstractmethod
-    def rewrite(self, match: Match, rw: Rewriter) -> Node: ...
+    def rewrite(self, match: Match, rw: Rewriter) -> Node | dict[Node, Node]: ...
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ its worklist right and to validate the replacement before committing.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -62,6 +64,16 @@ class Rewriter:
     def begin(self, root: Node) -> None:
         self.created, self.new_attributes, self._root = [], [], root
 
+    @contextlib.contextmanager
+    def inserting_before(self, node: Node) -> Iterator[None]:
+        """Build in front of ``node`` instead of the match root: for a rewrite that replaces
+        several nodes (``rewrite`` returning a dict), each replacement goes before what it replaces."""
+        saved, self._root = self._root, node
+        try:
+            yield
+        finally:
+            self._root = saved
+
     def call(self, op: Op, **kwargs: Any) -> Node:
         """A new canonical node of ``op``."""
         if op.fields:
@@ -86,7 +98,7 @@ class Rewriter:
         owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=False))
         self.new_attributes.append(qualname)
         with self.graph.inserting_before(self._root):
-            node = self.graph.get_attr(qualname)
+            node = self.graph.get_attr(qualname)  # before the current insertion point: dominates every use
         self.created.append(node)
         return node
 
