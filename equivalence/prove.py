@@ -43,7 +43,7 @@ from torch.utils import _pytree as pytree
 from fxopt import ops
 from fxopt.canonical import canonicalize
 from fxopt.capture import capture
-from fxopt.interpret import attribute, topological
+from fxopt.interpret import attribute, run_graph, topological
 from fxopt.pattern import Match, Pass, Pattern, Skip, get_pass
 from fxopt.rewriter import Rewriter
 
@@ -548,6 +548,7 @@ def _verdict(proofs: list[MatchProof]) -> str:
 def _prove_instance(p: Pass, model: torch.nn.Module, inputs: tuple, notes: list[str]) -> list[MatchProof]:
     """A proof for every match of every pattern on one instance; skipped matches go to ``notes``."""
     gm = canonicalize(capture(copy.deepcopy(model), inputs).module)
+    run_graph(gm, inputs)  # record shapes while every value is still a number
     rw = _SymbolicRewriter(gm, _symbolic_constants(gm))
     _symbolic_eps(gm)
     where = _describe(model, inputs)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from . import ops
+from .interpret import attribute, install_attributes
 from .ops import Op
 
 aten = torch.ops.aten
@@ -25,7 +26,10 @@ Canonical = tuple[Op, dict[str, Any]]
 
 
 def canonicalize(gm: GraphModule) -> GraphModule:
-    """Rewrite ``gm`` in place into canonical form and return it."""
+    """Rewrite ``gm`` in place into canonical form and return it.
+
+    Afterwards ``gm`` holds the tensors and modules its graph reads in containers of its own, so
+    rewrites never touch the captured model's modules (which are the user's)."""
     graph = gm.graph
     for node in list(graph.nodes):
         canonical = _canonical_form(node, gm)
@@ -43,9 +47,9 @@ def canonicalize(gm: GraphModule) -> GraphModule:
         graph.erase_node(node)
     _absorb_pads(graph)
     graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    install_attributes(gm, {t: attribute(gm, t) for t in targets})
+    return gm  # no recompile: the working graph runs through the Interpreter; codegen compiles once
 
 
 class _Param:
@@ -337,6 +341,26 @@ def _rms_norm_module(node: Node, m: nn.RMSNorm) -> Canonical:
     }
 
 
+_EMBEDDING_DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False}
+
+
+def _embedding_module(node: Node, m: nn.Embedding) -> Canonical:
+    fields = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    return ops.EMBEDDING, {"input": node.args[0], "weight": _Param(f"{node.target}.weight"), **{f: getattr(m, f) for f in fields}}
+
+
+def _embedding_aten(node: Node) -> Canonical | None:
+    """aten.embedding(weight, indices, padding_idx=-1, ...): padding_idx only affects gradients."""
+    bound = _bind(node, ("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse"),
+                  {"padding_idx": -1, "scale_grad_by_freq": False, "sparse": False})
+    if bound is None:
+        return None
+    padding_idx = None if bound["padding_idx"] == -1 else bound["padding_idx"]
+    return ops.EMBEDDING, {**_EMBEDDING_DEFAULTS, "input": bound["indices"], "weight": bound["weight"],
+                           "padding_idx": padding_idx, "scale_grad_by_freq": bound["scale_grad_by_freq"],
+                           "sparse": bound["sparse"]}
+
+
 def _dropout_module(node: Node, m: nn.Module) -> Canonical | None:
     if m.training and type(m) is not nn.Dropout:
         return None  # channel-wise dropouts in training mode have no F.dropout form
@@ -424,6 +448,7 @@ _MODULE_SPELLINGS: list[tuple[tuple[type, ...], Callable[[Node, Any], Canonical 
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), _dropout_module),
     ((nn.Identity,), lambda node, m: (ops.IDENTITY, {"input": node.args[0]})),
     ((nn.AvgPool2d,), _avg_pool_module),
+    ((nn.Embedding,), _embedding_module),
 ]
 
 _FUNCTION_SPELLINGS: dict[Any, Callable[[Node], Canonical | None]] = {
@@ -460,6 +485,8 @@ _FUNCTION_SPELLINGS: dict[Any, Callable[[Node], Canonical | None]] = {
     aten.convolution.default: _aten_convolution,
     F.avg_pool2d: _avg_pool_function,
     aten.avg_pool2d.default: _avg_pool_aten,
+    F.embedding: _functional(ops.EMBEDDING, _EMBEDDING_DEFAULTS),
+    aten.embedding.default: _embedding_aten,
 }
 def _overloads(packet: Any) -> list[Any]:
     return [getattr(packet, name) for name in packet.overloads()]
@@ -480,3 +507,44 @@ _METHOD_SPELLINGS: dict[str, Callable[[Node], Canonical | None]] = {
     "sub": _binary(ops.SUB, "self", "other"),
     "matmul": _matmul("self", "other"),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# fake quantizers (torch.ao FakeQuantize modules in eval mode with the observer off trace to the
+# functional form, so they arrive here as torch.fake_quantize_*)
+
+
+def _float32_source(scale: Any) -> Any:
+    """The tensor behind ``scale.float()`` / ``scale.to(torch.float32)``: the canonical per-channel
+    op casts its scale itself, so the constant stays visible to patterns."""
+    if isinstance(scale, Node) and scale.op == "call_method" and len(scale.args) >= 1 and not scale.kwargs:
+        if scale.target == "float" and len(scale.args) == 1:
+            return scale.args[0]
+        if scale.target == "to" and scale.args[1:] == (torch.float32,):
+            return scale.args[0]
+    return scale
+
+
+def _fake_quant(op: Op, first: str) -> Callable[[Node], Canonical | None]:
+    def convert(node: Node) -> Canonical | None:
+        bound = _bind(node, (first, *op.fields[1:]), {})
+        if bound is None:
+            return None
+        kwargs = {"input": bound[first], **{k: bound[k] for k in op.fields[1:]}}
+        if op is ops.FAKE_QUANT_PER_CHANNEL:
+            kwargs["scale"] = _float32_source(kwargs["scale"])
+        return op, kwargs
+
+    return convert
+
+
+_FUNCTION_SPELLINGS.update({
+    torch.fake_quantize_per_channel_affine: _fake_quant(ops.FAKE_QUANT_PER_CHANNEL, "input"),
+    ops.fake_quantize_per_channel: _fake_quant(ops.FAKE_QUANT_PER_CHANNEL, "input"),
+    aten.fake_quantize_per_channel_affine.default: _fake_quant(ops.FAKE_QUANT_PER_CHANNEL, "self"),
+    torch.fake_quantize_per_tensor_affine: _fake_quant(ops.FAKE_QUANT_PER_TENSOR, "input"),
+    aten.fake_quantize_per_tensor_affine.default: _fake_quant(ops.FAKE_QUANT_PER_TENSOR, "self"),
+    aten.fake_quantize_per_tensor_affine.tensor_qparams: _fake_quant(ops.FAKE_QUANT_PER_TENSOR, "self"),
+    ops.LOG_SQRT2_QUANT.target: _functional(ops.LOG_SQRT2_QUANT, {}),
+    ops.LOG2_QUANT.target: _functional(ops.LOG2_QUANT, {}),
+})

@@ -1,8 +1,7 @@
 """Capture: turn a model into an FX GraphModule.
 
 ``torch.fx.symbolic_trace`` is tried first (it keeps module calls and parameter names and is
-fast); when it fails, or the traced graph does not run on the example inputs,
-``torch.export.export(strict=False)`` is tried. Both unlift parameters into ``get_attr`` nodes.
+fast); when it fails, ``torch.export.export(strict=False)`` is tried. Both unlift parameters into ``get_attr`` nodes.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import torch
 from torch.fx import GraphModule, Tracer
 
 from .errors import CaptureError
-from .interpret import run_graph
 
 LeafSpec = type | str
 
@@ -45,21 +43,18 @@ def capture(
     leaf_modules: Iterable[LeafSpec] = (),
     autowrap_functions: Iterable[Callable] = (),
 ) -> Captured:
-    """Capture ``model`` as a GraphModule whose nodes carry shapes recorded on ``example_inputs``."""
+    """Capture ``model`` as a GraphModule (shapes are recorded later, only if a pass needs them)."""
     leaves, wrapped = tuple(leaf_modules), tuple(autowrap_functions)
     try:
         tracer = _LeafTracer(leaves, wrapped)
         graph = tracer.trace(model)
-        gm = GraphModule(tracer.root, graph, type(model).__name__)
-        run_graph(gm, example_inputs)
-        return Captured(gm, "torch.fx.symbolic_trace")
+        return Captured(GraphModule(tracer.root, graph, type(model).__name__), "torch.fx.symbolic_trace")
     except Exception as error:  # noqa: BLE001 - any tracing failure sends us to the next frontend
         trace_error = error
     try:
         exported = torch.export.export(model, example_inputs, strict=False)
         gm = exported.module()
         _drop_guards(gm)
-        run_graph(gm, example_inputs)
     except Exception as export_error:  # noqa: BLE001
         raise CaptureError(_explain(model, trace_error, export_error)) from None
     notes = [

@@ -8,6 +8,7 @@ where parameters survive) and recompiles.
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -23,23 +24,51 @@ _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_trans
 _SUFFIX = re.compile(r"^(.*)_\d+$")
 
 
-def finalize(gm: GraphModule, class_name: str, new_attributes: set[str]) -> GraphModule:
+def finalize(gm: GraphModule, class_name: str, new_attributes: set[str], share: bool) -> GraphModule:
     """Lower canonical ops to torch calls and return a fresh GraphModule holding only what it reads.
 
     ``new_attributes`` are the names rewrites gave new constants (see ``Rewriter.new_constant``).
+    Unless ``share``, every other tensor and module the result keeps is copied, so the result does
+    not change when the user's model does (and the other way round).
     """
     graph = gm.graph
     for node in list(graph.nodes):
         if ops.CONV(node):
             _lower_conv(graph, node)
+        elif ops.ZERO_MEAN_RMS_NORM(node):
+            _lower_zero_mean_rms_norm(graph, node)
+        elif ops.FAKE_QUANT_PER_CHANNEL(node):
+            _lower_fake_quant_per_channel(graph, node)
         elif ops.IDENTITY(node):
             node.replace_all_uses_with(node.kwargs["input"])
             graph.erase_node(node)
     graph.eliminate_dead_code()
-    attributes = _attributes_by_final_name(gm, new_attributes)
+    attributes, fresh = _attributes_by_final_name(gm, new_attributes)
+    if not share:
+        attributes = {name: value if name in fresh else _copy(value) for name, value in attributes.items()}
     result = GraphModule(attributes, graph, class_name)
     result.graph.lint()
     return result
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+    if isinstance(value, (torch.Tensor, torch.nn.Module)):
+        return copy.deepcopy(value)
+    return value
+
+
+def _lower_fake_quant_per_channel(graph: torch.fx.Graph, node: Node) -> None:
+    """torch's kernel with the explicit float32 scale of fxopt.ops.fake_quantize_per_channel."""
+    k = node.kwargs
+    with graph.inserting_before(node):
+        scale = graph.call_method("float", (k["scale"],))
+        args = (k["input"], scale, k["zero_point"], k["axis"], k["quant_min"], k["quant_max"])
+        new = graph.call_function(torch.fake_quantize_per_channel_affine, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 
 def _lower_conv(graph: torch.fx.Graph, node: Node) -> None:
@@ -62,8 +91,19 @@ def _lower_conv(graph: torch.fx.Graph, node: Node) -> None:
     graph.erase_node(node)
 
 
-def _attributes_by_final_name(gm: GraphModule, new_attributes: set[str]) -> dict[str, Any]:
-    """Every attribute the graph reads, keyed by its final name.
+def _lower_zero_mean_rms_norm(graph: torch.fx.Graph, node: Node) -> None:
+    """On a zero-mean input LayerNorm is that RMSNorm, and its eager CPU kernel is the fastest
+    (measured on (512, 768): layer_norm 48 us, rms_norm + bias 84 us, a composite 870 us)."""
+    k = node.kwargs
+    with graph.inserting_before(node):
+        new = graph.call_function(F.layer_norm, (k["input"], k["normalized_shape"], k["weight"], k["bias"], k["eps"]))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _attributes_by_final_name(gm: GraphModule, new_attributes: set[str]) -> tuple[dict[str, Any], set[str]]:
+    """Every attribute the graph reads, keyed by its final name, and the final names of new ones.
 
     A rewrite that replaced ``conv.weight`` had to call the new one ``conv.weight_1`` while the old
     one was alive; the old one is gone now, so the new one takes the original name back.
@@ -80,4 +120,5 @@ def _attributes_by_final_name(gm: GraphModule, new_attributes: set[str]) -> dict
             final = renames.get(node.target, node.target)
             attributes[final] = attribute(gm, node.target)
             node.target = final
-    return attributes
+    fresh = {renames.get(target, target) for target in targets & new_attributes}
+    return attributes, fresh

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
@@ -36,8 +35,9 @@ def optimize(
     a pass being written) runs those, in that order. ``verify=True`` validates every rewrite on the activations of the example inputs before
     committing it (a failing one is rolled back and reported) and checks the whole result against
     a float64 oracle at the end (3 examples; ``fxopt.verify(model, result, example_inputs,
-    examples=N)`` checks more). ``model`` is never changed; ``inplace=True`` only skips the copy,
-    so the result shares the tensors of ``model`` that no pass changed. ``leaf_modules`` (types or
+    examples=N)`` checks more). ``model`` is never changed: rewrites make new tensors, and the
+    result holds copies of the ones it keeps unchanged; ``inplace=True`` skips those copies (less
+    memory), so the result then shares them with ``model``. ``leaf_modules`` (types or
     qualified names) and ``autowrap_functions`` are kept opaque by tracing.
     The result carries ``.report`` (an :class:`fxopt.Report`).
     """
@@ -47,15 +47,15 @@ def optimize(
             "for a single tensor write (x,)"
         )
     selected = default_passes() if passes is None else [p if isinstance(p, Pass) else get_pass(p) for p in passes]
-    working = model if inplace else copy.deepcopy(model)
-    captured = capture(working, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    captured = capture(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     gm = canonicalize(captured.module)
     report = Report(type(model).__name__, captured.frontend, notes=list(captured.notes))
     validator = _validator(gm, example_inputs) if verify else None
-    rewriter = Rewriter(gm)
+    rewriter = Rewriter(gm, example_inputs)
     for p in selected:
         report.passes.append(apply_pass(gm, p, rewriter, validator))
-    result = finalize(gm, f"Optimized{type(model).__name__}", rewriter.committed_attributes)
+    report.notes += rewriter.notes
+    result = finalize(gm, f"Optimized{type(model).__name__}", rewriter.committed_attributes, share=inplace)
     if verify:
         from fxopt.equivalence import verify as verify_models
 
@@ -103,7 +103,6 @@ def apply_pass(gm: GraphModule, p: Pass, rewriter: Rewriter, validator=None) -> 
         if skip is not None:
             stats.skipped.append((node.name, skip.reason))
     gm.graph.eliminate_dead_code(is_impure_node=_impure)
-    gm.recompile()
     stats.nodes_after, stats.params_after = _count_nodes(gm), _count_params(gm)
     return stats
 

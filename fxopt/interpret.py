@@ -57,6 +57,31 @@ def attribute(gm: torch.nn.Module, qualname: str) -> Any:
     return obj
 
 
+def install_attributes(root: torch.nn.Module, attributes: dict[str, Any]) -> None:
+    """Give ``root`` exactly ``attributes`` (qualified name -> tensor or module), in fresh container
+    modules: later edits to the containers (a folded weight registered, a dead one dropped) never
+    reach the modules the values came from."""
+    root._modules.clear()
+    root._parameters.clear()
+    root._buffers.clear()
+    for qualname in sorted(attributes, key=lambda name: name.count(".")):
+        value = attributes[qualname]
+        owner = root
+        *path, leaf = qualname.split(".")
+        for part in path:
+            if part not in owner._modules:
+                owner.add_module(part, torch.nn.Module())
+            owner = owner._modules[part]
+        if isinstance(value, torch.nn.Parameter):
+            owner.register_parameter(leaf, value)
+        elif isinstance(value, torch.Tensor):
+            owner.register_buffer(leaf, value)
+        elif isinstance(value, torch.nn.Module):
+            owner.add_module(leaf, value)
+        else:
+            setattr(owner, leaf, value)
+
+
 def topological(nodes: Iterable[Node]) -> list[Node]:
     """The given nodes in an order where every node comes after those of them it reads."""
     members = set(nodes)

@@ -24,6 +24,8 @@ back to torch calls, so generated code needs nothing but torch.
 | sub        | ``operator.sub``      | (positional: two operands)                                         |
 | matmul     | ``torch.matmul``      | input other                                                        |
 | addmm      | ``torch.addmm``       | input mat1 mat2 (torch's names: ``input`` is the bias)             |
+| zero_mean_rms_norm | ``fxopt.ops.zero_mean_rms_norm`` | input normalized_shape weight bias eps (input known zero-mean) |
+| embedding  | ``F.embedding``       | input weight padding_idx max_norm norm_type scale_grad_by_freq sparse |
 
 ``stride``, ``padding``, ``dilation`` and ``output_padding`` of a conv are tuples with one entry
 per spatial dimension; ``padding`` may stay a string ("same") when it is asymmetric.
@@ -67,6 +69,22 @@ def conv(
 def identity(input: torch.Tensor) -> torch.Tensor:
     """``nn.Identity``: kept as a node so that removing it is a visible pass."""
     return input
+
+
+def zero_mean_rms_norm(
+    input: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """RMSNorm (with LayerNorm's bias) of an input that is zero-mean over ``normalized_shape``.
+
+    On such an input it equals ``F.layer_norm`` exactly, which is why codegen may lower it to the
+    faster of the two kernels; here it computes the RMSNorm, so validation checks the zero mean.
+    """
+    out = F.rms_norm(input, normalized_shape, weight, eps)
+    return out if bias is None else out + bias
 
 
 def pad_widths(padding: tuple[int, ...]) -> list[int]:
@@ -114,11 +132,18 @@ MATMUL = Op("matmul", torch.matmul, ("input", "other"))
 # bias + mat1 @ mat2 with a stored (in, out) weight, as GPT-2's Conv1D and fan_in_fan_out layers compute
 ADDMM = Op("addmm", torch.addmm, ("input", "mat1", "mat2"))
 
+# an RMSNorm whose input a pass made zero-mean (ln_to_rmsnorm): a LayerNorm there is the same function
+ZERO_MEAN_RMS_NORM = Op("zero_mean_rms_norm", zero_mean_rms_norm, ("input", "normalized_shape", "weight", "bias", "eps"))
+EMBEDDING = Op("embedding", F.embedding, ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"))
+
 AVG_POOL = Op(
     "avg_pool", F.avg_pool2d, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 )
 
-ALL_OPS: tuple[Op, ...] = (CONV, BATCH_NORM, LINEAR, LAYER_NORM, RMS_NORM, DROPOUT, IDENTITY, ADD, MUL, AVG_POOL, SUB, MATMUL, ADDMM)
+ALL_OPS: tuple[Op, ...] = (
+    CONV, BATCH_NORM, LINEAR, LAYER_NORM, RMS_NORM, DROPOUT, IDENTITY, ADD, MUL, AVG_POOL, SUB, MATMUL, ADDMM,
+    ZERO_MEAN_RMS_NORM, EMBEDDING,
+)
 
 
 class _AnyCall(Op):
@@ -130,3 +155,28 @@ class _AnyCall(Op):
 
 
 ANY = _AnyCall("any", None, ())
+
+
+# ---------------------------------------------------------------------------------------------
+# fake quantizers (fxopt.quant): not in ALL_OPS, which lists the float ops
+
+
+def fake_quantize_per_channel(
+    input: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, quant_min: int, quant_max: int
+) -> torch.Tensor:
+    """torch.fake_quantize_per_channel_affine, whose kernel computes with a float32 scale: the cast
+    makes that explicit, so a float64 copy of the model (the oracle) runs and gives the same codes."""
+    return torch.fake_quantize_per_channel_affine(input, scale.float(), zero_point, axis, quant_min, quant_max)
+
+
+from . import quant as _quant  # noqa: E402  (quant needs nothing from here)
+
+FAKE_QUANT_PER_CHANNEL = Op(
+    "fake_quant_per_channel", fake_quantize_per_channel, ("input", "scale", "zero_point", "axis", "quant_min", "quant_max")
+)
+# scale and zero_point: tensors (aten's tensor_qparams overload) or a float and an int
+FAKE_QUANT_PER_TENSOR = Op(
+    "fake_quant_per_tensor", torch.fake_quantize_per_tensor_affine, ("input", "scale", "zero_point", "quant_min", "quant_max")
+)
+LOG_SQRT2_QUANT = Op("log_sqrt2_quant", _quant.log_sqrt2_quantize, ("input", "bits", "delta"))
+LOG2_QUANT = Op("log2_quant", _quant.log2_quantize, ("input", "bits", "delta"))

@@ -15,17 +15,22 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .interpret import attribute
+from .interpret import attribute, run_graph
 from .ops import Op
 
 
 class Rewriter:
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, example_inputs: tuple | None = None):
         self.gm = gm
+        self.example_inputs = example_inputs  # to record shapes on demand
+        self._version = 0  # bumped by every commit: recorded shapes may be missing for new nodes
+        self._shapes_recorded_at: int | None = None
         self.graph = gm.graph
         self.created: list[Node] = []
         self.new_attributes: list[str] = []
         self.committed_attributes: set[str] = set()  # every constant this rewriter made and kept
+        self.notes: list[str] = []  # what committed rewrites tell the user (e.g. a weight they untied)
+        self._pending_notes: list[str] = []
         self._root: Node | None = None
 
     # -- reading -------------------------------------------------------------------------------
@@ -41,11 +46,17 @@ class Rewriter:
         """True for a constant tensor and for ``None`` (an absent bias is a constant zero)."""
         return node is None or self.constant(node) is not None
 
-    @staticmethod
-    def shape(node: Any) -> torch.Size | None:
-        """The recorded shape of a node's value, when capture could record it."""
+    def shape(self, node: Any) -> torch.Size | None:
+        """The shape of a node's value on the example inputs (None for non-tensors).
+
+        Shapes are recorded by running the graph once, only when a pattern first asks (most
+        rewrites never need one), and again after commits made new nodes.
+        """
         if not isinstance(node, Node):
             return None
+        if not _has_shape(node) and self.example_inputs is not None and self._shapes_recorded_at != self._version:
+            run_graph(self.gm, self.example_inputs)
+            self._shapes_recorded_at = self._version
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
             return meta.shape
@@ -86,6 +97,13 @@ class Rewriter:
         self.created.append(node)
         return node
 
+    def call_method(self, name: str, *args: Any, **kwargs: Any) -> Node:
+        """A Tensor method call (layout ops in symbolic_trace graphs), e.g. ``call_method("view", x, 2, -1)``."""
+        with self.graph.inserting_before(self._root):
+            node = self.graph.call_method(name, args, kwargs)
+        self.created.append(node)
+        return node
+
     def new_constant(self, name: str, value: torch.Tensor) -> Node:
         """A new constant tensor, stored as a parameter at ``name`` (made unique) and read by a get_attr.
 
@@ -123,6 +141,10 @@ class Rewriter:
             owner = getattr(owner, part)
         return owner
 
+    def note(self, text: str) -> None:
+        """A message for the report, kept only if this rewrite is committed."""
+        self._pending_notes.append(text)
+
     # -- the transaction ---------------------------------------------------------------------------
 
     def commit(self, replacements: dict[Node, Node], matched: list[Node]) -> None:
@@ -134,14 +156,16 @@ class Rewriter:
         for node in reversed(matched):
             self._erase_if_dead(node)
         self.committed_attributes.update(self.new_attributes)
-        self.created, self.new_attributes = [], []
+        self.notes += self._pending_notes
+        self.created, self.new_attributes, self._pending_notes = [], [], []
+        self._version += 1
 
     def rollback(self) -> None:
         for node in reversed(self.created):
             self.graph.erase_node(node)
         for qualname in self.new_attributes:
             self._delete_attribute(qualname)
-        self.created, self.new_attributes = [], []
+        self.created, self.new_attributes, self._pending_notes = [], [], []
 
     def _erase_if_dead(self, node: Node) -> None:
         if node.users or node.graph is not self.graph or _erased(node):
@@ -163,6 +187,10 @@ class Rewriter:
             owner._buffers[leaf] = None
         elif hasattr(owner, leaf):
             delattr(owner, leaf)
+
+
+def _has_shape(node: Node) -> bool:
+    return "tensor_meta" in node.meta or isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def _erased(node: Node) -> bool:
