@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.fx import GraphModule, Node
@@ -13,9 +14,12 @@ from .capture import LeafSpec, capture
 from .codegen import finalize
 from .errors import FxoptError, InputError
 from .interpret import attribute, topological
-from .pattern import Match, Pass, Skip, default_passes, get_pass
+from .pattern import Match, Pass, Pattern, Skip, default_passes, get_pass
 from .report import PassReport, Report
 from .rewriter import Rewriter
+
+if TYPE_CHECKING:
+    from fxopt.equivalence.translation import TranslationValidator
 
 
 def optimize(
@@ -65,13 +69,16 @@ def optimize(
     return result
 
 
-def _validator(gm: GraphModule, example_inputs: tuple):  # -> TranslationValidator
+def _validator(gm: GraphModule, example_inputs: tuple) -> TranslationValidator:
+    # imported here: fxopt.equivalence imports fxopt, which is still initialising at module level
     from fxopt.equivalence.translation import TranslationValidator
 
     return TranslationValidator(gm, example_inputs)
 
 
-def apply_pass(gm: GraphModule, p: Pass, rewriter: Rewriter, validator=None) -> PassReport:
+def apply_pass(
+    gm: GraphModule, p: Pass, rewriter: Rewriter, validator: TranslationValidator | None = None
+) -> PassReport:
     """Apply every pattern of ``p`` to a fixed point; return what happened."""
     stats = PassReport(p.name, nodes_before=_count_nodes(gm), params_before=_count_params(gm))
     patterns = sorted(p.patterns, key=lambda pat: -pat.benefit)
@@ -107,12 +114,21 @@ def apply_pass(gm: GraphModule, p: Pass, rewriter: Rewriter, validator=None) -> 
     return stats
 
 
-def _anchors_a_pattern(node: Node, patterns) -> bool:
+def _anchors_a_pattern(node: Node, patterns: list[Pattern]) -> bool:
     """Asked of each anchor op itself, so an anchor may accept more than one target (see ops.ANY)."""
     return any(pat.anchor(node) for pat in patterns)
 
 
-def _apply(match: Match, pattern, rewriter: Rewriter, validator, stats: PassReport, worklist, patterns) -> bool:
+def _apply(
+    match: Match,
+    pattern: Pattern,
+    rewriter: Rewriter,
+    validator: TranslationValidator | None,
+    stats: PassReport,
+    worklist: deque[Node],
+    patterns: list[Pattern],
+) -> bool:
+    """Rewrite one match; validate it (when a validator is given), then commit or roll back."""
     rewriter.begin(match.root)
     replacement = pattern.rewrite(match, rewriter)
     replacements = replacement if isinstance(replacement, dict) else {match.root: replacement}

@@ -157,3 +157,27 @@ def test_hf_models_are_captured_with_export_when_symbolic_trace_fails():
     assert result.report.frontend == "torch.export"
     assert result.report.verification.passed
     assert torch.allclose(result(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_decomposed_aten_spellings_native_batch_norm_and_addmm_are_canonical():
+    """After run_decompositions, BN is _native_batch_norm_legit_no_training + getitem and Linear is
+    addmm(bias, x, t(W)): the same patterns fold them."""
+    from fxopt.canonical import canonicalize
+    from fxopt.driver import apply_pass
+    from fxopt.pattern import get_pass
+    from fxopt.rewriter import Rewriter
+
+    model = randomize_batch_norms(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5), nn.BatchNorm1d(5))
+    ).eval()
+    x = torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(model, (x,)).run_decompositions()
+    gm = exported.module()
+    targets = {n.target for n in gm.graph.nodes}
+    assert torch.ops.aten._native_batch_norm_legit_no_training.default in targets
+    assert torch.ops.aten.addmm.default in targets
+    gm = canonicalize(gm)
+    stats = apply_pass(gm, get_pass("fold_bn"), Rewriter(gm, (x,)))
+    assert stats.applied == 2, stats
+    gm.recompile()
+    assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5)
