@@ -9,7 +9,6 @@ where parameters survive) and recompiles.
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any
 
 import torch
@@ -18,10 +17,10 @@ from torch.fx import GraphModule, Node
 
 from . import ops
 from .interpret import attribute
+from .rewriter import base_name
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_SUFFIX = re.compile(r"^(.*)_\d+$")
 
 
 def finalize(gm: GraphModule, class_name: str, new_attributes: set[str], share: bool) -> GraphModule:
@@ -111,9 +110,9 @@ def _attributes_by_final_name(gm: GraphModule, new_attributes: set[str]) -> tupl
     targets = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     renames: dict[str, str] = {}
     for target in sorted(targets & new_attributes):
-        m = _SUFFIX.match(target)
-        if m and m.group(1) not in targets and m.group(1) not in renames.values():
-            renames[target] = m.group(1)
+        base = base_name(target)
+        if base != target and base not in targets and base not in renames.values():
+            renames[target] = base
     attributes: dict[str, Any] = {}
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "call_module"):

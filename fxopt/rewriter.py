@@ -9,6 +9,7 @@ its worklist right and to validate the replacement before committing.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,7 +111,7 @@ class Rewriter:
         Name it after what it replaces (``conv.weight`` for a folded conv weight): where that name
         is still taken, a suffix is added, and codegen drops it once the old one is gone.
         """
-        qualname = self._free_name(name)
+        qualname = self._free_name(base_name(name))
         owner_path, _, leaf = qualname.rpartition(".")
         owner = self._owner(owner_path)
         owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=False))
@@ -187,6 +188,20 @@ class Rewriter:
             owner._buffers[leaf] = None
         elif hasattr(owner, leaf):
             delattr(owner, leaf)
+
+
+_VERSION_SUFFIX = re.compile(r"(?:_\d+)+$")
+
+
+def base_name(name: str) -> str:
+    """``name`` without the ``_1``, ``_2`` suffixes ``new_constant`` adds to keep names unique."""
+    return _VERSION_SUFFIX.sub("", name)
+
+
+def bias_name(weight_target: str) -> str:
+    """The name for a new bias beside a layer's weight: ``conv.weight`` -> ``conv.bias``."""
+    base = base_name(weight_target)
+    return base.removesuffix("weight") + "bias" if base.endswith("weight") else f"{base}_bias"
 
 
 def _has_shape(node: Node) -> bool:

@@ -20,7 +20,7 @@ from torch.fx import Node
 
 from fxopt.ops import BATCH_NORM, CONV, LINEAR
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
-from fxopt.rewriter import Rewriter
+from fxopt.rewriter import Rewriter, bias_name
 
 
 
@@ -50,18 +50,12 @@ def _foldable_weights(layer: Node, rw: Rewriter, what: str) -> Skip | None:
     return None
 
 
-def _bias_name(layer: Node) -> str:
-    if layer.kwargs["bias"] is not None:
-        return layer.kwargs["bias"].target
-    target = layer.kwargs["weight"].target
-    return target.removesuffix("weight") + "bias" if target.endswith("weight") else f"{target}_bias"
-
-
 def _new_layer(rw: Rewriter, layer: Node, weight: torch.Tensor, bias: torch.Tensor, input: Node) -> Node:
     """A copy of a canonical conv/linear node reading ``input``, with the new weight and bias cast back."""
     dtype = rw.constant(layer.kwargs["weight"]).dtype
     w = rw.new_constant(layer.kwargs["weight"].target, weight.to(dtype))
-    b = rw.new_constant(_bias_name(layer), bias.to(dtype))
+    old_bias = layer.kwargs["bias"]
+    b = rw.new_constant(old_bias.target if old_bias is not None else bias_name(layer.kwargs["weight"].target), bias.to(dtype))
     op = CONV if CONV(layer) else LINEAR
     return rw.call(op, **{**layer.kwargs, "input": input, "weight": w, "bias": b})
 

@@ -32,7 +32,7 @@ from torch.fx import Node
 from fxopt.interpret import run_nodes
 from fxopt.ops import ADD, ADDMM, CONV, DROPOUT, IDENTITY, LINEAR, MATMUL, MUL, SUB
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
-from fxopt.rewriter import Rewriter
+from fxopt.rewriter import Rewriter, bias_name
 from .fold_constants import constant_closure
 
 aten = torch.ops.aten
@@ -527,8 +527,7 @@ def _bias_name(layer: Node) -> str:
     bias = layer.kwargs["input"] if ADDMM(layer) else layer.kwargs.get("bias")
     if isinstance(bias, Node) and bias.op == "get_attr":
         return bias.target
-    target = _layer_weight(layer).target
-    return target.removesuffix("weight") + "bias" if target.endswith("weight") else f"{target}_bias"
+    return bias_name(_layer_weight(layer).target)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch.fx import Node
 
 from fxopt.ops import ADD, AVG_POOL, BATCH_NORM, CONV, IDENTITY, MUL
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
-from fxopt.rewriter import Rewriter
+from fxopt.rewriter import Rewriter, bias_name
 
 from .fold_bn import bn_affine
 
@@ -291,8 +291,7 @@ def _merged_conv(rw: Rewriter, x: Node, branch: Branch, nodes: list[Node]) -> No
     dtype = rw.constant(weight_node).dtype
     name = weight_node.target
     weight = rw.new_constant(name, branch.weight.to(dtype))
-    bias = rw.new_constant(name.removesuffix("weight") + "bias" if name.endswith("weight") else f"{name}_bias",
-                           branch.bias.to(dtype)) if bool(branch.bias.any()) else None
+    bias = rw.new_constant(bias_name(name), branch.bias.to(dtype)) if bool(branch.bias.any()) else None
     rank = len(branch.kernel)
     return rw.call(CONV, input=x, weight=weight, bias=bias, stride=branch.stride, padding=branch.padding,
                    dilation=branch.dilation, groups=branch.groups, padding_mode=branch.padding_mode,
