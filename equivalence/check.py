@@ -80,7 +80,9 @@ def _check_one(p: Pass, model: torch.nn.Module, inputs: tuple, seed: int | None)
         problem = f"optimize raised {type(error).__name__}: {error}"
         raise AssertionError(_describe(p, model, inputs, problem)) from error
     stats = result.report.passes[0]
-    if stats.applied < 1 or stats.nodes_before == stats.nodes_after:
+    # fired = a rewrite was committed; not "the op count changed": a reparameterization (new
+    # weights, same ops) keeps it, and a rewrite that changes nothing never reaches a fixed point
+    if stats.applied < 1:
         what = f"the pass did not fire ({stats.applied} applied, ops {stats.nodes_before} -> {stats.nodes_after})"
         raise AssertionError(_describe(p, model, inputs, what, str(result.report)))
     verification = verify(model, result, inputs, seed=seed)

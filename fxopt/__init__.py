@@ -10,6 +10,7 @@ from .rewriter import Rewriter
 from .saving import load, save
 
 from . import patterns  # noqa: E402,F401  (registers the pass library)
+from . import quant  # noqa: E402,F401
 from .equivalence import bisect, verify  # noqa: E402
 
 __all__ = [
