@@ -65,10 +65,16 @@ class Rewriter:
         return val.shape if isinstance(val, torch.Tensor) else None
 
     def shared(self, node: Any) -> bool:
-        """True when the constant behind ``node`` is also read elsewhere in the graph (a tied weight)."""
+        """True when the constant behind ``node`` is also read elsewhere in the graph: by another
+        reader of the same attribute, or under another name (tied modules hold one tensor twice)."""
         if not (isinstance(node, Node) and node.op == "get_attr"):
             return False
-        readers = [n for n in self.graph.find_nodes(op="get_attr", target=node.target)]
+        value = self.constant(node)
+        readers = [
+            n
+            for n in self.graph.find_nodes(op="get_attr")
+            if n.target == node.target or (value is not None and self.constant(n) is value)
+        ]
         return sum(len(n.users) for n in readers) > 1
 
     # -- building --------------------------------------------------------------------------------
