@@ -12,8 +12,8 @@ from torch.fx import GraphModule, Node
 from .canonical import canonicalize
 from .capture import LeafSpec, capture
 from .codegen import finalize
-from .errors import FxoptError, InputError
-from .interpret import attribute, topological
+from .errors import FxoptError, InputError, UnknownPassError
+from .interpret import attribute, preserved_buffers, topological
 from .pattern import Match, Pass, Pattern, Skip, default_passes, get_pass
 from .report import PassReport, Report
 from .rewriter import Rewriter
@@ -36,8 +36,8 @@ def optimize(
 
     ``example_inputs`` is a tuple of forward()'s arguments, as for torch.export. ``passes=None``
     runs the default pipeline (see ``fxopt.list_passes()``); a list of names (or Pass objects, for
-    a pass being written) runs those, in that order. ``verify=True`` validates every rewrite on the activations of the example inputs before
-    committing it (a failing one is rolled back and reported) and checks the whole result against
+    a pass being written) runs those, in that order. ``verify=True`` validates every rewrite on the
+    activations of the example inputs before committing it (a failing one is rolled back and reported) and checks the whole result against
     a float64 oracle at the end (3 examples; ``fxopt.verify(model, result, example_inputs,
     examples=N)`` checks more). ``model`` is never changed: rewrites make new tensors, and the
     result holds copies of the ones it keeps unchanged; ``inplace=True`` skips those copies (less
@@ -51,6 +51,26 @@ def optimize(
             "for a single tensor write (x,)"
         )
     selected = default_passes() if passes is None else [p if isinstance(p, Pass) else get_pass(p) for p in passes]
+    try:
+        return _optimize(model, example_inputs, selected, verify, inplace, leaf_modules, autowrap_functions)
+    except (InputError, UnknownPassError):
+        raise
+    except Exception as error:
+        rejection = _rejection(model, example_inputs)
+        if rejection is None:
+            raise
+        raise rejection from error
+
+
+def _optimize(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    selected: list[Pass],
+    verify: bool,
+    inplace: bool,
+    leaf_modules: Iterable[LeafSpec],
+    autowrap_functions: Iterable[Callable],
+) -> GraphModule:
     captured = capture(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     gm = canonicalize(captured.module)
     report = Report(type(model).__name__, captured.frontend, notes=list(captured.notes))
@@ -65,8 +85,27 @@ def optimize(
 
         # every rewrite was already validated on real activations: a few whole-model examples suffice
         report.verification = verify_models(model, result, example_inputs, examples=3)
+        rejection = _rejection(model, example_inputs) if report.verification.exception else None
+        if rejection is not None:
+            raise rejection
     result.report = report
     return result
+
+
+def _rejection(model: torch.nn.Module, example_inputs: tuple) -> InputError | None:
+    """The error to raise when the model itself fails on the example inputs (None if it runs).
+    Asked only after something failed, so a working model pays nothing for it."""
+    try:
+        with torch.no_grad(), preserved_buffers(model):
+            model(*example_inputs)
+    except Exception as error:  # noqa: BLE001 - any failure of the user's own model is the answer
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return InputError(
+            f"example_inputs do not fit {type(model).__name__}: calling the model on them raises "
+            f"{type(error).__name__}: {first_line}. Pass a tuple of the arguments forward() takes, with the "
+            "shapes and dtypes it expects."
+        )
+    return None
 
 
 def _validator(gm: GraphModule, example_inputs: tuple) -> TranslationValidator:

@@ -64,18 +64,21 @@ class Rewriter:
         val = node.meta.get("val")
         return val.shape if isinstance(val, torch.Tensor) else None
 
-    def shared(self, node: Any) -> bool:
-        """True when the constant behind ``node`` is also read elsewhere in the graph: by another
-        reader of the same attribute, or under another name (tied modules hold one tensor twice)."""
-        if not (isinstance(node, Node) and node.op == "get_attr"):
-            return False
+    def readers(self, node: Node) -> list[Node]:
+        """Every get_attr node that reads the constant behind ``node``: under its name, or under
+        another one (tied modules hold one tensor twice)."""
         value = self.constant(node)
-        readers = [
+        return [
             n
             for n in self.graph.find_nodes(op="get_attr")
             if n.target == node.target or (value is not None and self.constant(n) is value)
         ]
-        return sum(len(n.users) for n in readers) > 1
+
+    def shared(self, node: Any) -> bool:
+        """True when the constant behind ``node`` is also read elsewhere in the graph (a tied weight)."""
+        if not (isinstance(node, Node) and node.op == "get_attr"):
+            return False
+        return sum(len(n.users) for n in self.readers(node)) > 1
 
     # -- building --------------------------------------------------------------------------------
 

@@ -503,9 +503,8 @@ def _check(root: Node, base: Node, region: set[Node], analysis: _Analysis, rw: R
         if node is not root and any(user not in region and not _is_assertion(user) for user in node.users):
             return Skip(f"{node.name}, inside the adapter, is also read outside it: merging would not remove it")
     weight = _layer_weight(base)
-    readers = rw.graph.find_nodes(op="get_attr", target=weight.target)
     outside = [
-        u for r in readers for u in r.users if u not in region and u not in analysis.weight_only and not _is_assertion(u)
+        u for r in rw.readers(weight) for u in r.users if u not in region and u not in analysis.weight_only and not _is_assertion(u)
     ]
     if outside:
         return Skip(
