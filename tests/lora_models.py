@@ -6,56 +6,45 @@ import torch
 import torch.nn as nn
 
 
-class TiedAdapters(nn.Module):
-    """Two layers read one weight; only the first carries an adapter (merging would untie them)."""
+class _Adapted(nn.Module):
+    """A base Linear with a rank-``rank`` adapter beside it; subclasses differ in forward()."""
 
     def __init__(self, width: int = 6, rank: int = 2):
         super().__init__()
         self.base = nn.Linear(width, width)
         self.lora_A = nn.Linear(width, rank, bias=False)
         self.lora_B = nn.Linear(rank, width, bias=False)
+
+
+class TiedAdapters(_Adapted):
+    """Two layers read one weight; only the first carries an adapter (merging would untie them)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base(x) + self.lora_B(self.lora_A(x)) * 0.5
         return self.base(torch.relu(h))
 
 
-class LeakyAdapter(nn.Module):
+class LeakyAdapter(_Adapted):
     """The adapter's A output is also returned: merging would keep A computed anyway."""
-
-    def __init__(self, width: int = 6, rank: int = 2):
-        super().__init__()
-        self.base = nn.Linear(width, width)
-        self.lora_A = nn.Linear(width, rank, bias=False)
-        self.lora_B = nn.Linear(rank, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low = self.lora_A(x)
         return self.base(x) + self.lora_B(low) * 0.5, low
 
 
-class PromotingAdapter(nn.Module):
+class PromotingAdapter(_Adapted):
     """A float64 per-feature scale promotes the float32 sum to float64: the base weight's dtype no longer fits."""
 
     def __init__(self, width: int = 6, rank: int = 2):
-        super().__init__()
-        self.base = nn.Linear(width, width)
-        self.lora_A = nn.Linear(width, rank, bias=False)
-        self.lora_B = nn.Linear(rank, width, bias=False)
+        super().__init__(width, rank)
         self.register_buffer("scale", torch.rand(width, dtype=torch.float64) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
 
 
-class ResidualAdapter(nn.Module):
+class ResidualAdapter(_Adapted):
     """``x + base(x) + lora(x)`` in one sum: the residual term is kept, the rest merges."""
-
-    def __init__(self, width: int = 6, rank: int = 2):
-        super().__init__()
-        self.base = nn.Linear(width, width)
-        self.lora_A = nn.Linear(width, rank, bias=False)
-        self.lora_B = nn.Linear(rank, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x) + self.base(x) + self.lora_B(self.lora_A(x)) * 2.0
