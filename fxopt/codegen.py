@@ -47,7 +47,21 @@ def finalize(gm: GraphModule, class_name: str, new_attributes: set[str], share: 
         attributes = {name: value if name in fresh else _copy(value) for name, value in attributes.items()}
     result = GraphModule(attributes, graph, class_name)
     result.graph.lint()
+    bind_container_paths(result)
     return result
+
+
+def bind_container_paths(root: torch.nn.Module) -> None:
+    """Make the generated code's attribute chains (``self.blocks[0].conv.weight`` spelled as
+    getattr calls) cheap: nn.Module finds submodules through a Python-level ``__getattr__``, about a
+    microsecond a level, which on small models costs more than the convs saved. Plain container
+    modules we created also get each child as an ordinary instance attribute; ``_modules`` keeps
+    it too, so state_dict, named_modules and ``.to()`` are unchanged, and nn.Module's own
+    ``__setattr__`` replaces both when a child is reassigned."""
+    for module in root.modules():
+        if module is root or type(module) is torch.nn.Module:
+            for name, child in module._modules.items():
+                object.__setattr__(module, name, child)
 
 
 def _copy(value: Any) -> Any:

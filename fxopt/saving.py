@@ -90,7 +90,7 @@ def save(module: GraphModule, directory: str | Path) -> Path:
     lines += ["", "", f"class {class_name}(torch.nn.Module):", "    def __init__(self):", "        super().__init__()"]
     lines += _construction(module)
     lines += _pytree_specs(module)
-    lines += ["        self.eval()", ""]
+    lines += ["        _bind_container_paths(self)", "        self.eval()", ""]
     lines += ["    " + line for line in code.src.strip("\n").splitlines()]
     source = "\n".join(lines) + "\n" + _LOADER.replace("CLASS_NAME", class_name)
     (directory / "module.py").write_text(source)
@@ -176,6 +176,13 @@ def _construction(module: GraphModule) -> list[str]:
 
 
 _PUT = '''
+
+def _bind_container_paths(root):
+    # submodules as plain attributes too: attribute chains in forward() skip nn.Module.__getattr__
+    for module in root.modules():
+        if module is root or type(module) is torch.nn.Module:
+            for name, child in module._modules.items():
+                object.__setattr__(module, name, child)
 
 def _put(root, qualname, value, kind="module"):
     owner_path, _, leaf = qualname.rpartition(".")

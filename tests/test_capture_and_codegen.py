@@ -181,3 +181,18 @@ def test_decomposed_aten_spellings_native_batch_norm_and_addmm_are_canonical():
     assert stats.applied == 2, stats
     gm.recompile()
     assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bound_container_paths_follow_dtype_changes_copies_and_reassignment():
+    import copy
+
+    model, x = conv_bn().eval(), torch.randn(1, 3, 8, 8)
+    result = fxopt.optimize(model, (x,))
+    wide = copy.deepcopy(result).double()
+    assert torch.allclose(wide(x.double()), model.double()(x.double()), atol=1e-10)
+    replacement = copy.deepcopy(getattr(result, "0"))
+    with torch.no_grad():
+        replacement.weight.zero_()
+        replacement.bias.zero_()
+    setattr(result, "0", replacement)  # nn.Module.__setattr__ must win over the bound path
+    assert torch.equal(result(x), torch.zeros_like(result(x)))
