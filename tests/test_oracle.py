@@ -290,3 +290,14 @@ def test_reference_overflow_leaves_only_nan_checked_and_says_so() -> None:
     assert "bound is infinite" in error.message
     [nan_error] = compare(oracle, reference, torch.tensor([1.0, math.nan], dtype=torch.float16))
     assert not nan_error.passed
+
+
+def test_oracle_nan_where_the_reference_is_finite_asks_for_a_finite_candidate() -> None:
+    # a NaN weight times a zero of the padding: float32 kernels skip it, float64 does not
+    oracle = torch.tensor([1.0, math.nan], dtype=torch.float64)
+    reference = torch.tensor([1.0, 0.5])
+    assert passed(compare(oracle, reference, torch.tensor([1.0, 0.25])))
+    assert not passed(compare(oracle, reference, torch.tensor([1.0, math.nan])))
+    both_nan = torch.tensor([1.0, math.nan])
+    assert passed(compare(oracle, both_nan, both_nan))
+    assert not passed(compare(oracle, both_nan, torch.tensor([1.0, 0.5])))
