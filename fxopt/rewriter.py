@@ -26,6 +26,7 @@ class Rewriter:
         self.example_inputs = example_inputs  # to record shapes on demand
         self._version = 0  # bumped by every commit: recorded shapes may be missing for new nodes
         self._shapes_recorded_at: int | None = None
+        self._readers_by_tensor: dict[int, list[Node]] | None = None
         self.graph = gm.graph
         self.created: list[Node] = []
         self.new_attributes: list[str] = []
@@ -68,11 +69,17 @@ class Rewriter:
         """Every get_attr node that reads the constant behind ``node``: under its name, or under
         another one (tied modules hold one tensor twice)."""
         value = self.constant(node)
-        return [
-            n
-            for n in self.graph.find_nodes(op="get_attr")
-            if n.target == node.target or (value is not None and self.constant(n) is value)
-        ]
+        if value is None:
+            return list(self.graph.find_nodes(op="get_attr", target=node.target))
+        if self._readers_by_tensor is None:  # an index by tensor, kept up to date by commit()
+            self._readers_by_tensor = {}
+            for n in self.graph.find_nodes(op="get_attr"):
+                self._index_reader(n)
+        readers = [n for n in self._readers_by_tensor.get(id(value), []) if not _erased(n)]
+        return readers or [node]
+
+    def _index_reader(self, node: Node) -> None:
+        self._readers_by_tensor.setdefault(id(self.constant(node)), []).append(node)
 
     def shared(self, node: Any) -> bool:
         """True when the constant behind ``node`` is also read elsewhere in the graph (a tied weight)."""
