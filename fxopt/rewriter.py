@@ -23,17 +23,20 @@ from .ops import Op
 class Rewriter:
     def __init__(self, gm: GraphModule, example_inputs: tuple | None = None):
         self.gm = gm
-        self.example_inputs = example_inputs  # to record shapes on demand
-        self._version = 0  # bumped by every commit: recorded shapes may be missing for new nodes
-        self._shapes_recorded_at: int | None = None
-        self._readers_by_tensor: dict[int, list[Node]] | None = None
         self.graph = gm.graph
+        self.example_inputs = example_inputs  # to record shapes on demand
+        # the transaction under way
         self.created: list[Node] = []
         self.new_attributes: list[str] = []
+        self._pending_notes: list[str] = []
+        self._root: Node | None = None  # new nodes go in front of it
+        # what committed transactions left
         self.committed_attributes: set[str] = set()  # every constant this rewriter made and kept
         self.notes: list[str] = []  # what committed rewrites tell the user (e.g. a weight they untied)
-        self._pending_notes: list[str] = []
-        self._root: Node | None = None
+        self._version = 0  # bumped by every commit: recorded shapes may be missing for new nodes
+        # caches
+        self._shapes_recorded_at: int | None = None
+        self._readers_by_tensor: dict[int, list[Node]] | None = None
 
     # -- reading -------------------------------------------------------------------------------
 
