@@ -65,9 +65,13 @@ def capture(
 
 
 def _drop_guards(gm: GraphModule) -> None:
-    """torch.export's input-shape guard module: it is not computation and cannot be saved as source."""
+    """torch.export's checks are not computation: its input-shape guard module (which cannot be
+    saved as source) and its dtype/device assertions (whose reads would keep a replaced weight
+    alive and make every pass treat them as extra users)."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
+        if (node.op == "call_module" and node.target == "_guards_fn") or (
+            node.target is torch.ops.aten._assert_tensor_metadata.default
+        ):
             gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -148,7 +148,7 @@ def apply_pass(
                 break
         if skip is not None:
             stats.skipped.append((node.name, skip.reason))
-    gm.graph.eliminate_dead_code(is_impure_node=_impure)
+    gm.graph.eliminate_dead_code()
     stats.nodes_after, stats.params_after = _count_nodes(gm), _count_params(gm)
     return stats
 
@@ -185,14 +185,6 @@ def _apply(
     stats.applied += 1
     worklist.extend(n for n in created if _anchors_a_pattern(n, patterns))
     return True
-
-
-def _impure(node: Node) -> bool:
-    """Side-effecting nodes survive dead-code elimination, except torch.export's dtype/device
-    assertions on a value nothing else reads: they would keep a replaced weight alive."""
-    if node.target is torch.ops.aten._assert_tensor_metadata.default:
-        return any(len(arg.users) > 1 for arg in node.all_input_nodes)
-    return node.is_impure()
 
 
 def _count_nodes(gm: GraphModule) -> int:

@@ -32,11 +32,6 @@ from fxopt.rewriter import Rewriter
 # ops that move values without mixing a token's hidden channels (checked per kind below)
 _RESHAPES = {"view", "reshape", "_unsafe_view", "flatten"}
 _PASS_THROUGH = {"alias", "clone", "contiguous", "to"}
-# export's dtype checks read metadata, not values, and die with the value they check. (A ``x.shape``
-# read is not ignored: it would keep the old value computed beside the new one.)
-_IGNORED_READERS = {"_assert_tensor_metadata"}
-
-
 def _name(node: Node) -> str:
     """'view' for call_method view, aten.view.default, torch.view...: one name per layout op."""
     target = node.target
@@ -141,7 +136,7 @@ def find_stream(norm: Node, rw: Rewriter) -> Stream | Skip:
             continue
         node = forwards.pop()
         for user in node.users:
-            if user in stream.nodes or user in stream.readers or _name(user) in _IGNORED_READERS:
+            if user in stream.nodes or user in stream.readers:
                 continue
             problem = _reader_problem(user, node, stream, rw)
             if problem == "":
@@ -177,8 +172,7 @@ def _writers_problem(stream: Stream, rw: Rewriter) -> Skip | None:
         problem = _writer_problem(writer, axis, rw)
         if problem is not None:
             return Skip(problem)
-        readers = [u for u in writer.users if _name(u) not in _IGNORED_READERS]
-        if writer.op != "get_attr" and any(u not in stream.nodes for u in readers):
+        if writer.op != "get_attr" and any(u not in stream.nodes for u in writer.users):
             return Skip(f"{writer.name} writes into the residual stream and is also read elsewhere")
     return None
 

@@ -500,12 +500,10 @@ def _base_layer(layers: list[Node], merged: Form, rw: Rewriter) -> Node | None:
 
 def _check(root: Node, base: Node, region: set[Node], analysis: _Analysis, rw: Rewriter) -> Skip | None:
     for node in region:
-        if node is not root and any(user not in region and not _is_assertion(user) for user in node.users):
+        if node is not root and any(user not in region for user in node.users):
             return Skip(f"{node.name}, inside the adapter, is also read outside it: merging would not remove it")
     weight = _layer_weight(base)
-    outside = [
-        u for r in rw.readers(weight) for u in r.users if u not in region and u not in analysis.weight_only and not _is_assertion(u)
-    ]
+    outside = [u for r in rw.readers(weight) for u in r.users if u not in region and u not in analysis.weight_only]
     if outside:
         return Skip(
             f"{base.name}'s weight {weight.target} is shared with another layer ({outside[0].name}) that does not "
@@ -515,11 +513,6 @@ def _check(root: Node, base: Node, region: set[Node], analysis: _Analysis, rw: R
     if meta is None or meta.dtype != w.dtype:
         return Skip(f"the adapter's result is {getattr(meta, 'dtype', 'unknown')} but the base weight is {w.dtype}")
     return None
-
-
-def _is_assertion(node: Node) -> bool:
-    """torch.export's dtype/device checks: they read a value but compute nothing (dead-code elimination drops them)."""
-    return node.target is aten._assert_tensor_metadata.default
 
 
 def _bias_name(layer: Node) -> str:
