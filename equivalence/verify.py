@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,8 @@ from hypothesis._settings import local_settings  # the documented settings conte
 from tabulate import tabulate
 from torch import nn
 from torch.utils import _pytree as pytree
+
+from fxopt.interpret import preserved_buffers
 
 from .inputs import input_strategy, with_layout_of
 from .oracle import LeafError, compare, max_errors, perturb
@@ -265,30 +267,10 @@ def _float64_oracle(reference: Model) -> Model:
 def _call(role: str, model: Model, inputs: tuple) -> Any:
     """Call model without autograd, leaving its buffers as they were; wrap what it raises."""
     try:
-        with torch.no_grad(), _buffers_restored(model):
+        with torch.no_grad(), preserved_buffers(model):
             return model(*inputs)
     except Exception as error:
         raise _ModelRaised(f"{role} raised {type(error).__name__}: {error}") from error
-
-
-@contextlib.contextmanager
-def _buffers_restored(model: Model) -> Iterator[None]:
-    """Put back the model's buffers (values and objects) once the block is done."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    saved = [
-        (owner, name, buffer, buffer.clone())
-        for owner in model.modules()
-        for name, buffer in owner._buffers.items()
-        if buffer is not None
-    ]
-    try:
-        yield
-    finally:
-        for owner, name, buffer, value in saved:
-            buffer.copy_(value)
-            owner._buffers[name] = buffer
 
 
 def _fresh_copy(inputs: tuple) -> tuple:

@@ -18,16 +18,26 @@ from torch.utils import _pytree as pytree
 
 
 @contextlib.contextmanager
-def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
-    """Restore every buffer afterwards: running a BatchNorm in training mode updates its statistics."""
-    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+def preserved_buffers(module: Any) -> Iterator[None]:
+    """Put every buffer back (object and value) afterwards: running a BatchNorm in training mode
+    updates its statistics in place, and some modules reassign their buffers. Anything that is not
+    an nn.Module (a plain function) passes through."""
+    if not isinstance(module, torch.nn.Module):
+        yield
+        return
+    saved = [
+        (owner, name, buffer, buffer.detach().clone())
+        for owner in module.modules()
+        for name, buffer in owner._buffers.items()
+        if buffer is not None
+    ]
     try:
         yield
     finally:
         with torch.no_grad():
-            for name, b in module.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
+            for owner, name, buffer, value in saved:
+                buffer.copy_(value)
+                owner._buffers[name] = buffer
 
 
 class _Recorder(Interpreter):
