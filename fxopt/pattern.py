@@ -40,10 +40,15 @@ class Skip:
 
 @dataclass(frozen=True)
 class Match:
-    """A matched subgraph: ``nodes`` by role name; ``root`` is the node whose value is replaced."""
+    """A matched subgraph: ``nodes`` by role name; ``root`` is the node whose value is replaced.
+
+    ``facts`` carries what ``match`` computed that ``rewrite`` needs too (a merged kernel), so
+    it is not computed twice.
+    """
 
     root: Node
     nodes: dict[str, Node]
+    facts: Any = None
 
 
 class Pattern(ABC):

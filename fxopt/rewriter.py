@@ -37,6 +37,7 @@ class Rewriter:
         # caches
         self._shapes_recorded_at: int | None = None
         self._readers_by_tensor: dict[int, list[Node]] | None = None
+        self._reads_inputs: dict[Node, bool] = {}
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -67,6 +68,27 @@ class Rewriter:
             return meta.shape
         val = node.meta.get("val")
         return val.shape if isinstance(val, torch.Tensor) else None
+
+    def reads_inputs(self, node: Node) -> bool:
+        """True when ``node``'s value depends on a model input (a placeholder), directly or not.
+
+        Remembered across rewrites: a rewrite replaces a value by an equal one, so the answer can
+        only go stale towards True (x - x folded to 0), which makes a caller miss a fold, never
+        fold something that varies.
+        """
+        stack = [node]
+        while stack:
+            n = stack[-1]
+            if n in self._reads_inputs:
+                stack.pop()
+                continue
+            pending = [a for a in n.all_input_nodes if a not in self._reads_inputs]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            self._reads_inputs[n] = n.op == "placeholder" or any(self._reads_inputs[a] for a in n.all_input_nodes)
+        return self._reads_inputs[node]
 
     def readers(self, node: Node) -> list[Node]:
         """Every get_attr node that reads the constant behind ``node``: under its name, or under

@@ -75,6 +75,8 @@ def _mutated(node: Node) -> bool:
 
 def constant_closure(node: Node, rw: Rewriter) -> list[Node] | None:
     """``node`` and every call and get_attr it depends on, when all of it is constant; else None."""
+    if rw.reads_inputs(node):
+        return None
     closure: dict[Node, None] = {}
 
     def visit(n: Node) -> bool:
@@ -97,11 +99,9 @@ class FoldConstantCall(Pattern):
     anchor = ANY
 
     def match(self, node: Node, rw: Rewriter) -> Match | Skip | None:
-        if rw.shape(node) is None:
-            return None  # not a tensor (a shape, a tuple): folded together with the tensor it feeds
         closure = constant_closure(node, rw)
-        if closure is None:
-            return None
+        if closure is None or rw.shape(node) is None:
+            return None  # varies, or not a tensor (a shape, a tuple): folded with the tensor it feeds
         if node.users and all(_folds_later(user, rw) for user in node.users):
             return None  # every user folds this value together with its own: one evaluation for the chain
         return Match(node, {n.name: n for n in closure})
@@ -113,7 +113,7 @@ class FoldConstantCall(Pattern):
 
 
 def _folds_later(user: Node, rw: Rewriter) -> bool:
-    return user.op != "output" and rw.shape(user) is not None and constant_closure(user, rw) is not None
+    return user.op != "output" and constant_closure(user, rw) is not None and rw.shape(user) is not None
 
 
 def _constant_name(match: Match) -> str:

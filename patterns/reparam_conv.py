@@ -201,8 +201,8 @@ def regroup(weight: torch.Tensor, groups: int, target: int) -> torch.Tensor:
     out, in_g, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
     blocks = weight.reshape(target, ratio, out // groups, in_g, *kernel)
     expanded = weight.new_zeros(target, ratio, out // groups, ratio, in_g, *kernel)
-    for r in range(ratio):  # output sub-group r of each new group reads input sub-block r
-        expanded[:, r, :, r] = blocks[:, r]
+    r = torch.arange(ratio)  # output sub-group r of each new group reads input sub-block r
+    expanded[:, r, :, r] = blocks.transpose(0, 1)  # advanced indexing puts the r axis first
     return expanded.reshape(out, ratio * in_g, *kernel)
 
 
@@ -339,7 +339,7 @@ class ParallelBranches(Pattern):
             return merged
         nodes = {n.name: n for n in adds}
         nodes.update({n.name: n for t in group for n in t.nodes})
-        return Match(node, nodes)
+        return Match(node, nodes, facts=(terms, traced, group, merged))
 
     @staticmethod
     def _trace_term(term: Node, rw: Rewriter) -> Traced | Skip:
@@ -355,11 +355,8 @@ class ParallelBranches(Pattern):
         return merge_parallel(branches)
 
     def rewrite(self, match: Match, rw: Rewriter) -> Node:
-        adds, terms = _add_terms(match.root)
+        terms, traced, group, merged = match.facts
         nodes = [t for t in terms if isinstance(t, Node)]
-        traced = [self._trace_term(t, rw) for t in nodes]
-        group = _mergeable_group(traced)
-        merged = self._merged(group, rw)
         # a number added to the sum (``0 + branch`` starts many hand-written sums) goes into the bias
         merged = replace(merged, bias=merged.bias + sum(t for t in terms if not isinstance(t, Node)))
         result = _merged_conv(rw, group[0].x, merged, [n for t in group for n in t.nodes])
@@ -395,10 +392,10 @@ class SequentialConvs(Pattern):
         merged_cost = traced.branch.macs_per_output() / math.prod(traced.branch.stride)
         if merged_cost > traced.cost:
             return None  # e.g. a depthwise conv then a 1x1: exact, but slower as one dense conv
-        return Match(node, {n.name: n for n in traced.nodes})
+        return Match(node, {n.name: n for n in traced.nodes}, facts=traced)
 
     def rewrite(self, match: Match, rw: Rewriter) -> Node:
-        traced = trace(match.root, rw)
+        traced = match.facts
         return _merged_conv(rw, traced.x, traced.branch, list(traced.nodes))
 
 
