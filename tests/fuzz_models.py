@@ -430,7 +430,26 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def stored_elements(model: nn.Module) -> int:
+def stored_elements(model: nn.Module, only_biases: bool = False) -> int:
     """Elements of the parameters and buffers a model stores, each tied tensor counted once."""
-    unique = {(t.data_ptr(), t.dtype, tuple(t.shape)): t for t in model.state_dict().values() if t.numel()}
+    unique = {
+        (t.data_ptr(), t.dtype, tuple(t.shape)): t
+        for name, t in model.state_dict().items()
+        if t.numel() and (not only_biases or name.rsplit(".", 1)[-1].endswith("bias"))
+    }
     return sum(t.numel() for t in unique.values())
+
+
+def grows(model: nn.Module, result: nn.Module) -> str | None:
+    """Why ``result`` is larger than ``model`` beyond what the size rule allows, else None.
+
+    The rule: the default pipeline never stores more than the model did, except for biases. A fold
+    that removes a normalization may give a bias-less layer a bias (conv(bias) -> 1x1 conv merged,
+    BatchNorm -> Linear(bias=False), LayerNorm affine -> Linear(bias=False)): out_features numbers
+    traded for a whole op less, which is the cheaper model.
+    """
+    before, after = stored_elements(model), stored_elements(result)
+    allowed = before + stored_elements(result, only_biases=True)
+    if after > allowed:
+        return f"result stores {after} elements, the model {before}, and biases explain only {allowed - before}"
+    return None
