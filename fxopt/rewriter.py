@@ -38,6 +38,7 @@ class Rewriter:
         self._shapes_recorded_at: int | None = None
         self._readers_by_tensor: dict[int, list[Node]] | None = None
         self._reads_inputs: dict[Node, bool] = {}
+        self._get_attrs_by_target: dict[str, list[Node]] | None = None  # fx's own lookup scans every get_attr
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -90,13 +91,23 @@ class Rewriter:
             self._reads_inputs[n] = n.op == "placeholder" or any(self._reads_inputs[a] for a in n.all_input_nodes)
         return self._reads_inputs[node]
 
+    def get_attrs(self, target: str) -> list[Node]:
+        """The get_attr nodes reading ``target``."""
+        if self._get_attrs_by_target is None:
+            self._get_attrs_by_target = {}
+            for n in self.graph.find_nodes(op="get_attr"):
+                self._get_attrs_by_target.setdefault(n.target, []).append(n)
+        nodes = self._get_attrs_by_target.get(target, [])
+        nodes[:] = [n for n in nodes if not _erased(n)]
+        return list(nodes)
+
     def readers(self, node: Node) -> list[Node]:
         """Every get_attr node that reads the constant behind ``node``: under its name, or under
         another one (tied modules hold one tensor twice)."""
         value = self.constant(node)
         if value is None:
-            return list(self.graph.find_nodes(op="get_attr", target=node.target))
-        if self._readers_by_tensor is None:  # an index by tensor, kept up to date by commit()
+            return self.get_attrs(node.target)
+        if self._readers_by_tensor is None:  # an index by tensor, kept up to date by new_constant()
             self._readers_by_tensor = {}
             for n in self.graph.find_nodes(op="get_attr"):
                 self._index_reader(n)
@@ -160,6 +171,10 @@ class Rewriter:
         with self.graph.inserting_before(self._root):
             node = self.graph.get_attr(qualname)  # before the current insertion point: dominates every use
         self.created.append(node)
+        if self._get_attrs_by_target is not None:
+            self._get_attrs_by_target.setdefault(qualname, []).append(node)
+        if self._readers_by_tensor is not None:
+            self._index_reader(node)
         return node
 
     def _free_name(self, name: str) -> str:
@@ -214,7 +229,7 @@ class Rewriter:
             return
         inputs = node.all_input_nodes
         self.graph.erase_node(node)
-        if node.op == "get_attr" and not self.graph.find_nodes(op="get_attr", target=node.target):
+        if node.op == "get_attr" and not self.get_attrs(node.target):
             self._delete_attribute(node.target)
         for arg in inputs:
             if arg.op == "get_attr":

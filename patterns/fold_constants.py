@@ -62,12 +62,12 @@ def _is_pure(node: Node) -> bool:
     return node.kwargs.get("inplace") is not True and "out" not in node.kwargs
 
 
-def _mutated(node: Node) -> bool:
+def _mutated(node: Node, rw: Rewriter) -> bool:
     """True when some user writes into ``node``'s value (folding it would freeze the write).
 
     For a get_attr, every read of the same attribute counts: a buffer updated in forward is not constant.
     """
-    readers = node.graph.find_nodes(op="get_attr", target=node.target) if node.op == "get_attr" else [node]
+    readers = rw.get_attrs(node.target) if node.op == "get_attr" else [node]
     return any(
         user.op in ("call_function", "call_method") and not _is_pure(user) for n in readers for user in n.users
     )
@@ -83,9 +83,9 @@ def constant_closure(node: Node, rw: Rewriter) -> list[Node] | None:
         if n in closure:
             return True
         if n.op == "get_attr":
-            ok = rw.constant(n) is not None and not _mutated(n)
+            ok = rw.constant(n) is not None and not _mutated(n, rw)
         else:
-            ok = _is_pure(n) and not _mutated(n) and all(visit(arg) for arg in n.all_input_nodes)
+            ok = _is_pure(n) and not _mutated(n, rw) and all(visit(arg) for arg in n.all_input_nodes)
         if ok:
             closure[n] = None
         return ok
