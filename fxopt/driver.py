@@ -40,8 +40,11 @@ def optimize(
     activations of the example inputs before committing it (a failing one is rolled back and reported) and checks the whole result against
     a float64 oracle at the end (3 examples; ``fxopt.verify(model, result, example_inputs,
     examples=N)`` checks more). ``model`` is never changed: rewrites make new tensors, and the
-    result holds copies of the ones it keeps unchanged; ``inplace=True`` skips those copies (less
-    memory), so the result then shares them with ``model``. ``leaf_modules`` (types or
+    result holds copies of the ones it keeps unchanged. ``inplace=True`` consumes ``model`` to save
+    memory (no second copy of its weights, like PEFT's ``merge_and_unload``): the result shares its
+    tensors and rewrites write their new values into the ones they free, so ``model`` must not be
+    used afterwards, and the whole-model check at the end is left out when that happened (every
+    rewrite is still validated before it is committed). ``leaf_modules`` (types or
     qualified names) and ``autowrap_functions`` are kept opaque by tracing.
     The result carries ``.report`` (an :class:`fxopt.Report`).
     """
@@ -75,12 +78,18 @@ def _optimize(
     gm = canonicalize(captured.module)
     report = Report(type(model).__name__, captured.frontend, notes=list(captured.notes))
     validator = _validator(gm, example_inputs) if verify else None
-    rewriter = Rewriter(gm, example_inputs)
+    rewriter = Rewriter(gm, example_inputs, reuse_storage=inplace)
     for p in selected:
         report.passes.append(apply_pass(gm, p, rewriter, validator))
     report.notes += rewriter.notes
     result = finalize(gm, f"Optimized{type(model).__name__}", rewriter.committed_attributes, share=inplace)
-    if verify:
+    if verify and rewriter.reused:
+        report.notes.append(
+            f"inplace=True: {rewriter.reused} rewritten tensors were written into the model's own storage, so the "
+            "model no longer computes what it did and the whole-model check was left out (each rewrite was "
+            "validated before commit); run with inplace=False to compare against the original model"
+        )
+    elif verify:
         from fxopt.equivalence import verify as verify_models
 
         # every rewrite was already validated on real activations: a few whole-model examples suffice

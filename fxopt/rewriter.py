@@ -21,10 +21,17 @@ from .ops import Op
 
 
 class Rewriter:
-    def __init__(self, gm: GraphModule, example_inputs: tuple | None = None):
+    def __init__(self, gm: GraphModule, example_inputs: tuple | None = None, reuse_storage: bool = False):
+        """``reuse_storage``: a constant that a commit leaves unread lends its memory to a new constant
+        of the same shape and dtype (the new values are written into it), so folding a model costs
+        no second copy of its weights. The tensors the graph was captured with are then overwritten:
+        only for ``optimize(inplace=True)``."""
         self.gm = gm
         self.graph = gm.graph
         self.example_inputs = example_inputs  # to record shapes on demand
+        self.reuse_storage = reuse_storage
+        self._spare: dict[tuple, list[torch.Tensor]] = {}  # storage the current commit freed
+        self.reused = 0  # constants written into storage the graph no longer read
         # the transaction under way
         self.created: list[Node] = []
         self.new_attributes: list[str] = []
@@ -107,12 +114,14 @@ class Rewriter:
         value = self.constant(node)
         if value is None:
             return self.get_attrs(node.target)
+        return self._live_readers(value) or [node]
+
+    def _live_readers(self, value: torch.Tensor) -> list[Node]:
         if self._readers_by_tensor is None:  # an index by tensor, kept up to date by new_constant()
             self._readers_by_tensor = {}
             for n in self.graph.find_nodes(op="get_attr"):
                 self._index_reader(n)
-        readers = [n for n in self._readers_by_tensor.get(id(value), []) if not _erased(n)]
-        return readers or [node]
+        return [n for n in self._readers_by_tensor.get(id(value), []) if not _erased(n)]
 
     def _index_reader(self, node: Node) -> None:
         self._readers_by_tensor.setdefault(id(self.constant(node)), []).append(node)
@@ -212,6 +221,8 @@ class Rewriter:
             old.replace_all_uses_with(new)
         for node in reversed(matched):
             self._erase_if_dead(node)
+        if self._spare:
+            self._write_into_spare_storage(self.new_attributes)
         self.committed_attributes.update(self.new_attributes)
         self.notes += self._pending_notes
         self.created, self.new_attributes, self._pending_notes = [], [], []
@@ -230,10 +241,42 @@ class Rewriter:
         inputs = node.all_input_nodes
         self.graph.erase_node(node)
         if node.op == "get_attr" and not self.get_attrs(node.target):
+            if self.reuse_storage:
+                self._keep_as_spare(self.constant_at(node.target))
             self._delete_attribute(node.target)
         for arg in inputs:
             if arg.op == "get_attr":
                 self._erase_if_dead(arg)
+
+    def constant_at(self, qualname: str) -> torch.Tensor | None:
+        value = attribute(self.gm, qualname)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def _keep_as_spare(self, value: torch.Tensor | None) -> None:
+        """Offer ``value``'s memory to this commit's new constants, when nothing else can see it:
+        no get_attr reads it under another name, and it owns its whole storage (not a view)."""
+        if value is None or not value.is_contiguous() or value._base is not None:
+            return
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            return
+        if self._live_readers(value):
+            return
+        self._spare.setdefault((value.shape, value.dtype), []).append(value)
+
+    def _write_into_spare_storage(self, qualnames: list[str]) -> None:
+        for qualname in qualnames:
+            new = self.constant_at(qualname)
+            spares = self._spare.get((new.shape, new.dtype)) if new is not None and new.is_contiguous() else None
+            if not spares:
+                continue
+            storage = spares.pop()
+            with torch.no_grad():
+                storage.copy_(new)
+            owner_path, _, leaf = qualname.rpartition(".")
+            owner = attribute(self.gm, owner_path) if owner_path else self.gm
+            owner.register_parameter(leaf, torch.nn.Parameter(storage.detach(), requires_grad=False))
+            self.reused += 1
+        self._spare.clear()
 
     def _delete_attribute(self, qualname: str) -> None:
         owner_path, _, leaf = qualname.rpartition(".")

@@ -94,6 +94,31 @@ def test_optimize_leaves_the_users_model_bit_identical():
     assert not model.training
 
 
+def test_inplace_writes_folded_weights_into_the_models_own_storage():
+    """inplace=True: no second copy of the weights (the fold reuses the conv weight's memory)."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))).eval()
+    reference = copy.deepcopy(model)
+    storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    x = torch.randn(2, 3, 9, 9)
+    result = fxopt.optimize(model, (x,), passes=["fold_bn"], inplace=True)
+    weights = [t for name, t in result.state_dict().items() if name.endswith("weight")]
+    assert len(weights) == 2 and all(w.untyped_storage().data_ptr() in storages for w in weights)
+    assert not torch.equal(model[0].weight, reference[0].weight)  # consumed, as documented
+    assert result.report.verification is None and "inplace=True" in str(result.report)
+    assert fxopt.verify(reference, result, (x,)).passed
+
+
+def test_inplace_leaves_a_tied_weight_alone():
+    """A tensor still read under another name must not be overwritten."""
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    model = randomize_bn(nn.Sequential(conv, nn.BatchNorm2d(4), conv)).eval()
+    reference = copy.deepcopy(model)
+    x = torch.randn(1, 4, 6, 6)
+    result = fxopt.optimize(model, (x,), passes=["fold_bn"], inplace=True)
+    assert torch.equal(model[0].weight, reference[0].weight)
+    assert fxopt.verify(reference, result, (x,)).passed
+
+
 # --- skip rules: each skips with its reason and the output stays right -------------------------------
 
 
