@@ -15,6 +15,7 @@ In a fresh process with only torch installed::
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import types
 from pathlib import Path
@@ -116,7 +117,11 @@ def load(directory: str | Path) -> torch.nn.Module:
 def _global_imports(globals_: dict[str, Any]) -> list[str]:
     lines = []
     for name, obj in globals_.items():
-        if isinstance(obj, types.ModuleType):
+        if isinstance(obj, str):  # an annotation written under ``from __future__ import annotations``
+            lines.append(f"{name} = {obj!r}")
+        elif getattr(builtins, getattr(obj, "__name__", ""), None) is obj:
+            continue  # a builtin (getattr for ``x.shape``): every module has it already
+        elif isinstance(obj, types.ModuleType):
             lines.append(f"import {obj.__name__} as {name}")
         elif obj is type(None):
             lines.append(f"{name} = type(None)")

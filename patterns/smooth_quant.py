@@ -1,16 +1,28 @@
 """SmoothQuant (Xiao et al. 2023): move per-channel activation range from a norm into its Linears.
 
 For a LayerNorm or RMSNorm whose output feeds only Linears: s_j = a_j^alpha / w_j^(1 - alpha) with
-a_j a bound on channel j's activation and w_j = max |W[:, j]| over all consumers; the norm's gamma
+a_j channel j's activation range and w_j = max |W[:, j]| over all consumers; the norm's gamma
 (and beta) are divided by s, each consumer's column j multiplied by s_j. Exact in real arithmetic
 (the float oracle checks it), and it evens out the channel ranges a per-tensor activation quantizer
-then sees. Data-free: a_j = |gamma_j| + |beta_j|, the channel's range on a unit-normalized input
-(a graph pass sees no calibration data; scale with measured maxima by giving the norm those).
+then sees. The strength alpha (0 to 1) is how much of the range moves into the weights: alpha = 1
+leaves every activation channel the same range, alpha = 0 every weight column; ``smooth_quant``
+uses SmoothQuant's 0.5; for another, ``optimize(model, x, passes=[smooth_quant_pass(alpha=0.8)])``
+(``from fxopt.patterns.smooth_quant import smooth_quant_pass``).
+
+Activation ranges without calibration data: SmoothQuant measures a_j = max |X_j| on calibration
+batches; a graph pass has none (optimize's example inputs validate rewrites, they are not a
+calibration set), so here a_j = |gamma_j| + |beta_j|, the size of channel j's output for a
+normalized input of size 1. That captures the inter-channel variation the norm's affine creates,
+but it is not a bound (one channel of a LayerNorm's normalized input can reach sqrt(C - 1)) and it
+does not see outliers that the normalized input itself carries in fixed channels: the factors are
+SmoothQuant's only where the normalized channels have equal ranges. The rewrite is exact either
+way; only how well it evens out the measured ranges depends on a_j.
 
 Not in the default pipeline: it makes the float model no cheaper, it prepares it for quantization.
-Channels where a_j or w_j is zero (an all-zero weight column would make s_j infinite) keep s_j = 1.
-An RMSNorm weight that enters as (1 + w) is a computed weight here: refused, unless fold_constants
-has made it a constant first.
+Channels where s_j would be infinite or zero (an all-zero weight column at alpha < 1, a channel
+with no range at alpha > 0) keep s_j = 1.
+An RMSNorm weight that enters as (1 + w) is a computed weight here: refused with that reason,
+unless fold_constants has made it a constant first (``passes=["fold_constants", "smooth_quant"]``).
 """
 
 from __future__ import annotations
@@ -37,6 +49,11 @@ def smoothing_factors(activation_bound: torch.Tensor, weights: list[torch.Tensor
 class SmoothNormIntoLinears(Pattern):
     anchor = LAYER_NORM
 
+    def __init__(self, alpha: float = ALPHA):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"smooth_quant's strength alpha must be between 0 and 1, got {alpha}")
+        self.alpha = alpha
+
     def match(self, node: Node, rw: Rewriter) -> Match | Skip | None:
         if len(node.kwargs["normalized_shape"]) != 1 or not node.users:
             return None
@@ -50,14 +67,14 @@ class SmoothNormIntoLinears(Pattern):
                 return Skip(f"{u.name}'s weight is computed at run time or shared")
         if any(rw.shared(a) for a in affine):
             return Skip("the norm's affine is shared")
-        if _already_smooth(node, rw):
+        if _already_smooth(node, rw, self.alpha):
             return None  # the fixed point: migrating again would change nothing
         return Match(node, {"norm": node, **{f"linear{i}": u for i, u in enumerate(node.users)}})
 
     def rewrite(self, match: Match, rw: Rewriter) -> dict[Node, Node]:
         norm = match.nodes["norm"]
         linears = [n for k, n in match.nodes.items() if k != "norm"]
-        s = _factors(norm, rw)
+        s = _factors(norm, rw, self.alpha)
         channels = s.numel()
         gamma = rw.constant(norm.kwargs["weight"])
         dtype = rw.constant(linears[0].kwargs["weight"]).dtype
@@ -94,14 +111,15 @@ def _activation_bound(norm: Node, rw: Rewriter) -> torch.Tensor:
     return bound + beta.double().abs() if beta is not None else bound
 
 
-def _factors(norm: Node, rw: Rewriter) -> torch.Tensor:
+def _factors(norm: Node, rw: Rewriter, alpha: float) -> torch.Tensor:
     weights = [rw.constant(u.kwargs["weight"]) for u in norm.users]
-    return smoothing_factors(_activation_bound(norm, rw), weights, ALPHA)
+    return smoothing_factors(_activation_bound(norm, rw), weights, alpha)
 
 
-def _already_smooth(norm: Node, rw: Rewriter) -> bool:
-    """After one migration s is ~1 (a_j / s_j = w_j * s_j = sqrt(a_j w_j)): nothing left to move."""
-    return bool(torch.allclose(_factors(norm, rw), torch.ones(1, dtype=torch.float64), rtol=1e-3, atol=0))
+def _already_smooth(norm: Node, rw: Rewriter, alpha: float) -> bool:
+    """After one migration s is ~1 (a_j / s_j = (a_j w_j)^(1 - alpha), w_j s_j = (a_j w_j)^alpha):
+    nothing left to move."""
+    return bool(torch.allclose(_factors(norm, rw, alpha), torch.ones(1, dtype=torch.float64), rtol=1e-3, atol=0))
 
 
 class NormIntoLinears(nn.Module):
@@ -131,12 +149,15 @@ def smooth_quant_instances(draw) -> tuple[nn.Module, tuple]:
     return model.to(dtype).eval(), (torch.randn(2, 4, dim, generator=generator).to(dtype),)
 
 
-SMOOTH_QUANT = register(
-    Pass(
-        name="smooth_quant",
+def smooth_quant_pass(alpha: float = ALPHA) -> Pass:
+    """SmoothQuant with migration strength ``alpha``, for ``optimize(..., passes=[...])``."""
+    return Pass(
+        name="smooth_quant" if alpha == ALPHA else f"smooth_quant(alpha={alpha:g})",
         description="SmoothQuant: migrate per-channel activation range from a LayerNorm/RMSNorm into its Linears",
-        patterns=(SmoothNormIntoLinears(), SmoothRMSNormIntoLinears()),
+        patterns=(SmoothNormIntoLinears(alpha), SmoothRMSNormIntoLinears(alpha)),
         instances=smooth_quant_instances,
         default=False,  # not cheaper: it prepares a model for per-tensor activation quantization
     )
-)
+
+
+SMOOTH_QUANT = register(smooth_quant_pass())
