@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 ORACLE_FACTOR: float = 4.0
@@ -323,3 +324,29 @@ def _nan_to_inf(errors: torch.Tensor) -> torch.Tensor:
 def _max_or_zero(values: torch.Tensor) -> float:
     """Largest value of a real tensor, 0.0 when it is empty."""
     return float(values.max()) if values.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# running a float64 copy of a model
+
+
+class _Float64Kernels(TorchFunctionMode):
+    """Lets a float64 copy of a model run the ops whose kernels insist on float32 parameters:
+    torch's fake-quantizers compute with a float32 scale whatever the input's dtype, so the oracle
+    hands them that float32 scale (the value the float32 model uses) and a float64 input."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _FLOAT32_SCALE and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            args = (args[0], args[1].float(), *args[2:])
+        elif func in _FLOAT32_SCALE and isinstance(kwargs.get("scale"), torch.Tensor):
+            kwargs["scale"] = kwargs["scale"].float()
+        return func(*args, **kwargs)
+
+
+_FLOAT32_SCALE = {torch.fake_quantize_per_channel_affine, torch.fake_quantize_per_tensor_affine}
+
+
+def float64_kernels() -> TorchFunctionMode:
+    """A context in which a model converted with ``.double()`` runs (see _Float64Kernels)."""
+    return _Float64Kernels()

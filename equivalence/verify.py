@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from fxopt.interpret import preserved_buffers
 
 from .inputs import input_strategy, with_layout_of
-from .oracle import LeafError, compare, max_errors, perturb
+from .oracle import LeafError, compare, float64_kernels, max_errors, perturb
 
 Model = nn.Module | Callable[..., Any]
 
@@ -81,6 +81,7 @@ def verify(
     examples: int = 5,
     seed: int | None = 0,
     save_to: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerificationResult:
     """Run reference, candidate and a float64 oracle on `examples` inputs and compare outputs.
 
@@ -90,14 +91,15 @@ def verify(
     counterexample and, when save_to is given, saved there. The models are never
     mutated: the oracle is a deep copy, and buffers a forward pass changes
     (e.g. BatchNorm running statistics in training mode) are restored after each call.
-    A model that raises gives passed=False with the exception described.
+    A model that raises gives passed=False with the exception described. ``progress(i, examples)``,
+    when given, is called as example i (from 1) starts, for a progress display on long runs.
     """
     if examples < 1:
         raise ValueError(f"examples must be at least 1, got {examples}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     oracle = _float64_oracle(reference)
-    run = _Run(reference, candidate, oracle, _perturbed_oracle(reference, oracle), example_inputs, examples)
+    run = _Run(reference, candidate, oracle, _perturbed_oracle(reference, oracle), example_inputs, examples, progress)
     _search(run, example_inputs, examples, seed)
     result = run.result()
     if save_to is not None and result.counterexample is not None:
@@ -130,6 +132,7 @@ class _Run:
     perturbed: Model | None  # the oracle with its parameters moved by half an ulp of their dtype
     example_inputs: tuple
     budget: int
+    progress: Callable[[int, int], None] | None = None
     examples_run: int = 0
     worst_per_leaf: dict[str, LeafError] = field(default_factory=dict)
     max_abs_error: float = 0.0
@@ -145,6 +148,8 @@ class _Run:
             if repeats_example or self.examples_run >= self.budget:
                 return
             self.examples_run += 1
+            if self.progress is not None:
+                self.progress(self.examples_run, self.budget)
         try:
             errors = self._errors_on(inputs)
         except _ModelRaised as raised:
@@ -266,8 +271,9 @@ def _float64_oracle(reference: Model) -> Model:
 
 def _call(role: str, model: Model, inputs: tuple) -> Any:
     """Call model without autograd, leaving its buffers as they were; wrap what it raises."""
+    kernels = float64_kernels() if role == "oracle" else contextlib.nullcontext()
     try:
-        with torch.no_grad(), preserved_buffers(model):
+        with torch.no_grad(), preserved_buffers(model), kernels:
             return model(*inputs)
     except Exception as error:
         raise _ModelRaised(f"{role} raised {type(error).__name__}: {error}") from error

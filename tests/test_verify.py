@@ -247,3 +247,26 @@ def test_input_strategy_keeps_broadcast_views() -> None:
         assert drawn.shape == example.shape and drawn.stride() == example.stride()
 
     check()
+
+
+class _FakeQuantized(nn.Module):
+    """torch's fake-quantizers take a float32 scale only, so a plain .double() copy cannot run them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.tensor([0.05, 0.1, 0.2, 0.02]))
+        self.register_buffer("zero_point", torch.tensor([0, 3, 7, 15], dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 1, 0, 15)
+        return self.linear(torch.fake_quantize_per_tensor_affine(x, 0.1, 2, 0, 15))
+
+
+def test_the_float64_oracle_runs_fake_quantizers() -> None:
+    model = _FakeQuantized().eval()
+    result = verify(model, copy.deepcopy(model), (torch.randn(3, 4),), examples=3)
+    assert result.passed and result.exception is None, result
+    broken = copy.deepcopy(model)
+    broken.zero_point[1] = 4  # one code step off on one channel
+    assert not verify(model, broken, (torch.randn(3, 4),), examples=3).passed
