@@ -10,7 +10,10 @@ be rebuilt by hand). A model is a stack of blocks over a tensor whose shape the 
   DBB-style average-pooling branches, residual conv, concatenation of two conv branches, eval dropout / identity, relu / gelu;
 * sequence mode, (N, F) or (N, T, F), entered by flattening: Linear (+ BatchNorm1d on 2-D input,
   or on a 3-D input whose channel axis is T), BatchNorm1d -> Linear, LayerNorm / RMSNorm (+ Linear), pre-norm residual
-  blocks, LoRA-style adapters (base Linear + scale * B(A(x))), concatenation, reshapes.
+  blocks, LoRA-style adapters (base Linear + scale * B(A(x))), concatenation, reshapes, LayerNorm/RMSNorm ->
+  fake-quantizer (per tensor or per channel) -> Linear;
+* image mode also has conv LoRA adapters; a model sometimes returns a tuple, and sometimes branches on
+  its input's shape in Python, so only torch.export can capture it.
 """
 
 from __future__ import annotations
@@ -149,6 +152,69 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
 
+class ConvLoRA(nn.Module):
+    """conv(x) + scale * B(A(x)): A a k x k conv to ``rank`` channels, B a 1x1 conv back (peft's conv LoRA)."""
+
+    def __init__(self, conv: nn.Module, rank: int, scale: float):
+        super().__init__()
+        d = conv.weight.dim() - 2
+        self.base = conv
+        self.lora_A = _CONV[d](conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                               bias=False, padding_mode=conv.padding_mode)
+        self.lora_B = _CONV[d](rank, conv.out_channels, 1, bias=False)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+
+class FakeQuant(nn.Module):
+    """Uniform fake-quantization of activations, per tensor or per channel of the last axis."""
+
+    def __init__(self, features: int, per_channel: bool, bits: int, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.per_channel, self.quant_max = per_channel, 2**bits - 1
+        scale = torch.rand(features, generator=gen) * 0.2 + 0.02
+        zero_point = torch.randint(0, self.quant_max + 1, (features,), generator=gen, dtype=torch.int32)
+        if per_channel:
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zero_point)
+        else:
+            self.scale, self.zero_point = float(scale[0]), int(zero_point[0])
+
+    def forward(self, x):
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, x.dim() - 1, 0,
+                                                          self.quant_max)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, self.quant_max)
+
+
+class TupleOutput(nn.Module):
+    """Returns the body's output and a view of it: models with several outputs."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        y = self.body(x)
+        return y, y.flatten(1)[:, :1] * 2
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on the input's shape: torch.fx.symbolic_trace cannot capture it, torch.export can."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return self.body(x)
+        return self.body(x) * 1.0
+
+
 class Stack(nn.Module):
     def __init__(self, blocks: list[nn.Module]):
         super().__init__()
@@ -179,6 +245,7 @@ class _Builder:
     def __init__(self, draw):
         self.draw = draw
         self.recipe: list[str] = []
+        self.dtype = torch.float32
 
     def pick(self, options):
         return self.draw(st.sampled_from(options))
@@ -220,7 +287,8 @@ class _Builder:
         return conv, cout, new
 
     def image_block(self, d, c, size):
-        kind = self.pick(["conv_bn", "conv_bn", "bn_conv", "convT_bn", "repvgg", "residual", "concat", "noop"])
+        kind = self.pick(["conv_bn", "conv_bn", "bn_conv", "convT_bn", "repvgg", "residual", "concat", "conv_lora",
+                          "noop"])
         if kind == "conv_bn":
             conv, c, size = self.conv(d, c, size)
             layers = [conv]
@@ -284,6 +352,11 @@ class _Builder:
             layers = [conv] + ([self.bn(d, c)] if self.draw(st.booleans()) else [])
             self.recipe.append("residual")
             return Residual(Chain(*layers)), c, size
+        if kind == "conv_lora":
+            conv, cout, out_size = self.conv(d, c, size, groups=1)
+            rank, scale = self.ints(1, 3), self.pick([0.5, 2.0])
+            self.recipe.append(f"conv_lora(r{rank},scale={scale})")
+            return ConvLoRA(conv, rank, scale), cout, out_size
         if kind == "concat":
             a, ca, _ = self.conv(d, c, size, k=1, stride=1, pad=0)
             b, cb, _ = self.conv(d, c, size, k=3, stride=1, pad=1, dil=1, mode="zeros")
@@ -311,7 +384,7 @@ class _Builder:
 
     def seq_block(self, t, f):
         kind = self.pick(["linear_bn", "linear_bn", "bn_linear", "norm_linear", "prenorm", "lora", "lora",
-                          "concat", "reshape", "noop"])
+                          "concat", "reshape", "fake_quant", "noop"])
         if kind == "linear_bn":
             lin, f = self.linear(f)
             layers = [lin]
@@ -341,6 +414,12 @@ class _Builder:
             bias = self.draw(st.booleans())
             self.recipe.append(f"lora({f}->{fout},r{rank},scale={scale:.3g},bias={bias})")
             return LoRALinear(f, fout, rank, scale, bias), t, fout
+        if kind == "fake_quant" and self.dtype == torch.float32:  # torch's fake-quant kernels are float32
+            per_channel, bits = self.draw(st.booleans()), self.pick([4, 8])
+            norm = self.norm(f)
+            lin, f_out = self.linear(f)
+            self.recipe.append(f"fake_quant(per_channel={per_channel},bits={bits})")
+            return Chain(norm, FakeQuant(f, per_channel, bits, self.ints(0, 2**16)), lin), t, f_out
         if kind == "concat":
             a, fa = self.linear(f)
             b, fb = self.linear(f)
@@ -366,6 +445,7 @@ def fuzz_models(draw, max_blocks: int = 5):
     """(model in eval mode, example inputs, recipe) for a random valid model."""
     b = _Builder(draw)
     dtype = draw(st.sampled_from([torch.float32] * 5 + [torch.float64] * 4 + [torch.bfloat16]))
+    b.dtype = dtype
     blocks: list[nn.Module] = []
     if draw(st.booleans()):  # start as an image
         d = draw(st.sampled_from([1, 2]))
@@ -391,7 +471,14 @@ def fuzz_models(draw, max_blocks: int = 5):
         for _ in range(b.ints(1, max_blocks)):
             block, t, f = b.seq_block(t, f)
             blocks.append(block)
-    model = Stack(blocks)
+    model: nn.Module = Stack(blocks)
+    # (hypothesis draws boundary values often: a middle value keeps these at about the rate written)
+    if draw(st.integers(0, 7)) == 3:
+        model = TupleOutput(model)
+        b.recipe.append("tuple-output")
+    if draw(st.integers(0, 7)) == 5:  # torch.export costs a second or so per model
+        model = ShapeBranch(model)
+        b.recipe.append("export-only")
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     randomize(model, gen)
     model = model.to(dtype).eval()
