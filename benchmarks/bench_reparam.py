@@ -1,6 +1,7 @@
 """Re-parameterization benchmark: per family, the fxopt-optimized net vs the hand-written deploy-time net
 (the lower bound) and the training-time net, batch 1 and 8; and optimize() time (verify=False) vs the
-family's own hand-written reparameterize(). Runs are interleaved (A, B, C, A, B, C, ...) and medians reported.
+family's own hand-written reparameterize(). Runs are interleaved (A, B, C, A, B, C, ...): times are medians,
+ratios are medians of the per-round ratios (robust to load that drifts during the run).
 
     python benchmarks/bench_reparam.py [--repeats 30] [--size 32]
 """
@@ -38,8 +39,8 @@ def families(c: int) -> dict[str, Callable[[], Net]]:
     }
 
 
-def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each fn, running them in turn (A, B, C, A, B, C, ...) after a warm-up."""
+def interleaved_times(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
+    """Seconds of each fn per round, running them in turn (A, B, C, A, B, C, ...) after a warm-up."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
@@ -48,7 +49,17 @@ def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[f
             start = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each fn, run interleaved."""
+    return [statistics.median(t) for t in interleaved_times(fns, repeats)]
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median of the per-round ratios of two interleaved series."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def main() -> None:
@@ -72,13 +83,14 @@ def main() -> None:
         with torch.inference_mode():
             for batch in (1, 8):
                 x = torch.randn(batch, 3, args.size, args.size)
-                latency[batch] = interleaved_medians(
+                latency[batch] = interleaved_times(
                     [lambda: optimized(x), lambda: deploy(x), lambda: net(x)], args.repeats
                 )
         row = [name]
         for batch in (1, 8):
             o, d, t = latency[batch]
-            row += [f"{o * 1e3:.3f}", f"{d * 1e3:.3f}", f"{t * 1e3:.3f}", f"{o / d:.3f}", f"{t / o:.2f}x"]
+            row += [f"{statistics.median(s) * 1e3:.3f}" for s in (o, d, t)]
+            row += [f"{median_ratio(o, d):.3f}", f"{median_ratio(t, o):.2f}x"]
         row += [f"{t_opt * 1e3:.1f}", f"{t_hand * 1e3:.1f}"]
         rows.append(row)
     headers = ["family"]

@@ -45,6 +45,7 @@ def canonicalize(gm: GraphModule) -> GraphModule:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    _absorb_border_writes(graph)
     _absorb_pads(graph)
     graph.eliminate_dead_code()
     targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
@@ -236,6 +237,116 @@ def _absorb_pads(graph: torch.fx.Graph) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# padding with per-channel values: zero padding, then each border strip written in place
+
+
+# reshapes that keep the order of elements: a per-channel value seen through them is the same value
+_ORDER_PRESERVING_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default}
+
+
+def _absorb_border_writes(graph: torch.fx.Graph) -> None:
+    """``out = pad(x)`` with zeros, then ``out[:, :, :p] = v`` (and so on) for every padded side,
+    becomes one pure ``ops.pad_per_channel(x, widths, v)``.
+
+    DBB's BNAndPadLayer pads this way; torch.export records each write as ``slice`` + ``copy_``.
+    Rewritten only when the writes cover exactly the padded border, all write the same per-channel
+    value, and every other reader of the padded tensor comes after the last write; otherwise the
+    in-place writes stay as they are.
+    """
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for pad in list(graph.nodes):
+        zero_pad = _zero_pad(pad) if pad.target in _PAD_TARGETS else None
+        shape = _shape(pad)
+        if zero_pad is None or shape is None or len(zero_pad[1]) > 2 * (len(shape) - 2):
+            continue  # not a zero pad of the spatial dimensions only
+        x, widths = zero_pad
+        writes = [w for w in map(_slice_write, pad.users) if w is not None]
+        readers = [u for u in pad.users if u not in {w[0] for w in writes}]
+        value = _border_value(writes, widths, shape)
+        if value is None or any(position[r] < max(position[w[1]] for w in writes) for r in readers):
+            continue
+        last_write = max((w[1] for w in writes), key=position.__getitem__)
+        widths += [0, 0] * (len(shape) - 2 - len(widths) // 2)  # a pair for every spatial dimension
+        with graph.inserting_after(last_write):
+            filled = graph.call_function(ops.PAD_PER_CHANNEL.target, (), {"input": x, "pad": widths, "value": value})
+        filled.meta = dict(pad.meta)
+        for reader in readers:
+            reader.replace_input_with(pad, filled)
+        for slice_node, copy in writes:
+            graph.erase_node(copy)
+            graph.erase_node(slice_node)
+        graph.erase_node(pad)
+
+
+def _zero_pad(pad: Node) -> tuple[Node, list[int]] | None:
+    """(input, F.pad widths) of a constant pad with zeros."""
+    if pad.target is aten.constant_pad_nd.default:
+        bound = _bind(pad, ("input", "pad", "value"), {"value": 0})
+        mode = "constant"
+    else:
+        bound = _bind(pad, ("input", "pad", "mode", "value"), {"mode": "constant", "value": None})
+        mode = bound and bound["mode"]
+    if bound is None or mode != "constant" or bound["value"] not in (None, 0, 0.0):
+        return None
+    widths = bound["pad"]
+    if not isinstance(widths, (list, tuple)) or not all(isinstance(w, int) and w >= 0 for w in widths):
+        return None
+    return bound["input"], list(widths)
+
+
+def _slice_write(user: Node) -> tuple[Node, Node] | None:
+    """(slice, copy_) when ``user`` is a slice of the padded tensor that is only written into."""
+    if user.target is not aten.slice.Tensor or len(user.users) != 1:
+        return None
+    (copy,) = user.users
+    if copy.target is not aten.copy_.default or copy.args[0] is not user or copy.users or len(copy.args) != 2:
+        return None
+    return user, copy
+
+
+def _border_value(writes: list[tuple[Node, Node]], widths: list[int], shape: torch.Size) -> Node | None:
+    """The per-channel value the writes fill the whole padded border with, or None."""
+    ndim, channels = len(shape), shape[1] if len(shape) > 1 else None
+    sides = {(ndim - 1 - j, end) for j in range(len(widths) // 2) for end in (0, 1) if widths[2 * j + end] > 0}
+    written, values = [], []
+    for slice_node, copy in writes:
+        bound = _bind(slice_node, ("self", "dim", "start", "end", "step"), {"dim": 0, "start": None, "end": None, "step": 1})
+        if bound is None or bound["step"] != 1 or not all(isinstance(bound[k], (int, type(None))) for k in ("start", "end")):
+            return None
+        dim = bound["dim"] % ndim
+        j = ndim - 1 - dim
+        if not 0 <= j < len(widths) // 2:
+            return None
+        size = shape[dim]
+        start, end = slice(bound["start"], bound["end"]).indices(size)[:2]
+        low, high = widths[2 * j], widths[2 * j + 1]
+        side = (dim, 0) if (start, end) == (0, low) else (dim, 1) if (start, end) == (size - high, size) else None
+        written.append(side)
+        src = copy.args[1]
+        values.append(src.args[0] if isinstance(src, Node) and src.target is aten.expand.default else src)
+    if channels is None or len(written) != len(sides) or set(written) != sides:
+        return None
+    roots = {_view_root(v) for v in values}
+    if len(roots) != 1 or not all(_per_channel_shape(_shape(v), ndim, channels) for v in values):
+        return None
+    return values[0]
+
+
+def _view_root(value: Any) -> Any:
+    while isinstance(value, Node) and value.target in _ORDER_PRESERVING_VIEWS:
+        value = value.args[0]
+    return value
+
+
+def _per_channel_shape(shape: torch.Size | None, ndim: int, channels: int) -> bool:
+    """A tensor of ``shape`` broadcast against (N, C, ...) gives every position of channel c one number."""
+    if shape is None or len(shape) > ndim:
+        return False
+    aligned = (1,) * (ndim - len(shape)) + tuple(shape)
+    return aligned[1] in (1, channels) and all(d == 1 for i, d in enumerate(aligned) if i != 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # batch norm
 
 
@@ -375,40 +486,49 @@ def _dropout_aten(node: Node) -> Canonical | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# average pooling (2-D)
+# average pooling (1-D, 2-D, 3-D: one canonical op per rank, each a torch function)
 
 
-def _avg_pool_kwargs(bound: dict[str, Any]) -> Canonical:
-    kernel = _tuple(bound["kernel_size"], 2)
+def _avg_pool_kwargs(bound: dict[str, Any], rank: int) -> Canonical:
+    op = ops.AVG_POOLS[rank - 1]
+    kernel = _tuple(bound["kernel_size"], rank)
     stride = bound["stride"]
-    return ops.AVG_POOL, {
+    kwargs = {
         "input": bound["input"],
         "kernel_size": kernel,
-        "stride": kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) else _tuple(stride, 2),
-        "padding": _tuple(bound["padding"], 2),
+        "stride": kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) else _tuple(stride, rank),
+        "padding": _tuple(bound["padding"], rank),
         "ceil_mode": bound["ceil_mode"],
         "count_include_pad": bound["count_include_pad"],
-        "divisor_override": bound["divisor_override"],
+        "divisor_override": bound.get("divisor_override"),
     }
+    return op, {k: kwargs[k] for k in op.fields}
 
 
 _AVG_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
 
 
-def _avg_pool_function(node: Node) -> Canonical | None:
-    bound = _bind(node, ops.AVG_POOL.fields, _AVG_POOL_DEFAULTS)
-    return None if bound is None else _avg_pool_kwargs(bound)
+def _avg_pool_function(rank: int) -> Callable[[Node], Canonical | None]:
+    def convert(node: Node) -> Canonical | None:
+        bound = _bind(node, ops.AVG_POOLS[rank - 1].fields, _AVG_POOL_DEFAULTS)
+        return None if bound is None else _avg_pool_kwargs(bound, rank)
+
+    return convert
 
 
-def _avg_pool_aten(node: Node) -> Canonical | None:
-    names, defaults = _schema_names(aten.avg_pool2d.default)
-    bound = _bind(node, names, defaults)
-    return None if bound is None else _avg_pool_kwargs({**bound, "input": bound["self"]})
+def _avg_pool_aten(rank: int) -> Callable[[Node], Canonical | None]:
+    def convert(node: Node) -> Canonical | None:
+        names, defaults = _schema_names(getattr(aten, f"avg_pool{rank}d").default)
+        bound = _bind(node, names, defaults)
+        return None if bound is None else _avg_pool_kwargs({**bound, "input": bound["self"]}, rank)
+
+    return convert
 
 
-def _avg_pool_module(node: Node, m: nn.AvgPool2d) -> Canonical:
+def _avg_pool_module(node: Node, m: nn.AvgPool1d | nn.AvgPool2d | nn.AvgPool3d) -> Canonical:
+    rank = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
     fields = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-    return _avg_pool_kwargs({"input": node.args[0], **{f: getattr(m, f) for f in fields}})
+    return _avg_pool_kwargs({"input": node.args[0], **{f: getattr(m, f, None) for f in fields}}, rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +567,7 @@ _MODULE_SPELLINGS: list[tuple[tuple[type, ...], Callable[[Node, Any], Canonical 
     ((nn.RMSNorm,), _rms_norm_module),
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), _dropout_module),
     ((nn.Identity,), lambda node, m: (ops.IDENTITY, {"input": node.args[0]})),
-    ((nn.AvgPool2d,), _avg_pool_module),
+    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), _avg_pool_module),
     ((nn.Embedding,), _embedding_module),
 ]
 
@@ -483,8 +603,12 @@ _FUNCTION_SPELLINGS: dict[Any, Callable[[Node], Canonical | None]] = {
     torch.dropout: _dropout_aten,
     aten.dropout.default: _dropout_aten,
     aten.convolution.default: _aten_convolution,
-    F.avg_pool2d: _avg_pool_function,
-    aten.avg_pool2d.default: _avg_pool_aten,
+    F.avg_pool1d: _avg_pool_function(1),
+    F.avg_pool2d: _avg_pool_function(2),
+    F.avg_pool3d: _avg_pool_function(3),
+    aten.avg_pool1d.default: _avg_pool_aten(1),
+    aten.avg_pool2d.default: _avg_pool_aten(2),
+    aten.avg_pool3d.default: _avg_pool_aten(3),
     F.embedding: _functional(ops.EMBEDDING, _EMBEDDING_DEFAULTS),
     aten.embedding.default: _embedding_aten,
 }

@@ -2,7 +2,7 @@
 
 ``finalize`` lowers the canonical ops that are not torch functions (``fxopt.ops.conv`` becomes
 ``F.pad`` + ``F.conv2d`` and friends, ``identity`` disappears, fxopt.quant's log quantizers
-become the torch ops they run), rebuilds the module hierarchy
+and the per-channel pad become the torch ops they run), rebuilds the module hierarchy
 from the attributes the graph still reads (so state_dict keys are the original qualified names
 where parameters survive) and recompiles.
 """
@@ -40,8 +40,8 @@ def finalize(gm: GraphModule, class_name: str, new_attributes: set[str], share: 
             _lower_zero_mean_rms_norm(graph, node)
         elif ops.FAKE_QUANT_PER_CHANNEL(node):
             _lower_fake_quant_per_channel(graph, node)
-        elif node.op == "call_function" and node.target in _QUANT_FUNCTIONS:
-            _inline_quant_function(graph, node)
+        elif node.op == "call_function" and node.target in _INLINED:
+            _inline_function(graph, node)
         elif ops.IDENTITY(node):
             node.replace_all_uses_with(node.kwargs["input"])
             graph.erase_node(node)
@@ -88,31 +88,30 @@ def _lower_fake_quant_per_channel(graph: torch.fx.Graph, node: Node) -> None:
     graph.erase_node(node)
 
 
-# fxopt.quant's log quantizers (ops.LOG_SQRT2_QUANT, ops.LOG2_QUANT) and the pieces reparam_quant
-# builds attention from are Python functions of torch ops; a saved module.py may call torch alone
-_QUANT_FUNCTIONS = frozenset({
+# Canonical ops and fxopt.quant functions written as Python functions of torch ops: a saved
+# module.py may call torch alone, so they are inlined (log quantizers, the pieces reparam_quant
+# builds attention from, DBB's per-channel border padding)
+_INLINED = frozenset({
     quant.log_sqrt2_quantize, quant.log2_quantize, quant.log_code, quant.log2_shift, quant.log2_dequantize,
-    quant.log_sqrt2_dequantize,
+    quant.log_sqrt2_dequantize, ops.pad_per_channel,
 })
 
 
-def _inline_quant_function(graph: torch.fx.Graph, node: Node) -> None:
-    """Replace the call by the torch ops the function runs, traced with its one tensor argument
-    symbolic and the others (bits, delta) fixed: the function's own arithmetic, op for op, so the
-    lowered graph gives the same bits as the function."""
+def _inline_function(graph: torch.fx.Graph, node: Node) -> None:
+    """Replace the call by the torch ops the function runs, traced with its tensor arguments
+    symbolic and the others (bits, delta, pad widths) fixed: the function's own arithmetic, op for
+    op, so the lowered graph gives the same bits as the function."""
     function = node.target
     arguments = inspect.signature(function).bind(*node.args, **node.kwargs).arguments
-    (tensor_name,) = [name for name, value in arguments.items() if isinstance(value, Node)]
-    fixed = {name: value for name, value in arguments.items() if name != tensor_name}
+    tensors = [name for name, value in arguments.items() if isinstance(value, Node)]
+    fixed = {name: value for name, value in arguments.items() if name not in tensors}
 
-    def body(tensor: torch.Tensor) -> torch.Tensor:
-        # called through a closure, not the fxopt.quant global that fx.wrap patches: traced into
-        return function(**{tensor_name: tensor}, **fixed)
-
-    traced = torch.fx.symbolic_trace(body).graph
-    (placeholder,) = [n for n in traced.nodes if n.op == "placeholder"]
+    traced = torch.fx.Graph()
+    tracer = torch.fx.proxy.GraphAppendingTracer(traced)
+    proxies = {name: torch.fx.Proxy(traced.placeholder(name), tracer) for name in tensors}
+    traced.output(function(**proxies, **fixed).node)
     with graph.inserting_before(node):
-        new = graph.graph_copy(traced, {placeholder: arguments[tensor_name]})
+        new = graph.graph_copy(traced, {proxies[name].node: arguments[name] for name in tensors})
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -20,6 +20,9 @@ back to torch calls, so generated code needs nothing but torch.
 | dropout    | ``F.dropout``         | input p training inplace                                           |
 | identity   | ``fxopt.ops.identity``| input                                                              |
 | avg_pool   | ``F.avg_pool2d``      | input kernel_size stride padding ceil_mode count_include_pad divisor_override |
+| avg_pool1d | ``F.avg_pool1d``      | input kernel_size stride padding ceil_mode count_include_pad (no divisor_override in torch) |
+| avg_pool3d | ``F.avg_pool3d``      | input kernel_size stride padding ceil_mode count_include_pad divisor_override |
+| pad_per_channel | ``fxopt.ops.pad_per_channel`` | input pad value (F.pad widths for every spatial dim; border of channel c = value[c]) |
 | add, mul   | ``operator.add/mul``  | (positional: two operands; commutative)                            |
 | sub        | ``operator.sub``      | (positional: two operands)                                         |
 | matmul     | ``torch.matmul``      | input other                                                        |
@@ -87,6 +90,21 @@ def zero_mean_rms_norm(
     return out if bias is None else out + bias
 
 
+def pad_per_channel(input: torch.Tensor, pad: tuple[int, ...], value: torch.Tensor) -> torch.Tensor:
+    """``F.pad`` with ``pad`` (F.pad's widths, a pair for every spatial dimension), where every padded
+    position of channel c holds ``value``'s c-th element (one element per channel, or one for all)
+    instead of 0.
+
+    DBB's BNAndPadLayer pads a BatchNorm's output with the BN's own shift this way (zero padding then
+    a slice assignment per side); canonicalization turns those in-place writes into this pure op.
+    The rank comes from ``pad``, so the body traces with both tensors symbolic (for lowering).
+    """
+    padded = F.pad(input, list(pad))
+    inside = F.pad(torch.ones_like(input[:1, :1], dtype=torch.bool), list(pad), value=False)
+    border = value.reshape(1, -1, *(1,) * (len(pad) // 2)).to(padded.dtype)
+    return torch.where(inside, padded, border)
+
+
 def pad_widths(padding: tuple[int, ...]) -> list[int]:
     """Symmetric per-dimension padding in F.pad's order: last dimension first, (left, right) pairs."""
     widths: list[int] = []
@@ -140,9 +158,16 @@ AVG_POOL = Op(
     "avg_pool", F.avg_pool2d, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 )
 
+# torch has no divisor_override for 1-D average pooling
+AVG_POOL1D = Op("avg_pool1d", F.avg_pool1d, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"))
+AVG_POOL3D = Op("avg_pool3d", F.avg_pool3d, AVG_POOL.fields)
+AVG_POOLS: tuple[Op, ...] = (AVG_POOL1D, AVG_POOL, AVG_POOL3D)  # by spatial rank
+
+PAD_PER_CHANNEL = Op("pad_per_channel", pad_per_channel, ("input", "pad", "value"))
+
 ALL_OPS: tuple[Op, ...] = (
     CONV, BATCH_NORM, LINEAR, LAYER_NORM, RMS_NORM, DROPOUT, IDENTITY, ADD, MUL, AVG_POOL, SUB, MATMUL, ADDMM,
-    ZERO_MEAN_RMS_NORM, EMBEDDING,
+    ZERO_MEAN_RMS_NORM, EMBEDDING, AVG_POOL1D, AVG_POOL3D, PAD_PER_CHANNEL,
 )
 
 

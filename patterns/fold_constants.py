@@ -6,7 +6,10 @@ pure, deterministic call whose inputs are constants (parameters, buffers, python
 such calls) is evaluated at optimisation time and replaced by a new constant; the parameters it
 read disappear when nothing else reads them. Only the outermost tensor of a constant chain is
 materialised (its intermediate values are evaluated with it), so a chain costs one evaluation.
-Random ops and calls that mutate a tensor are never folded.
+Random ops and calls that mutate a tensor are never folded. Neither is a value much bigger than the
+constants it reads (an expand or repeat of a small parameter, a tensor built from sizes): storing
+it would grow the model; except where a conv, linear or BatchNorm reads it as a parameter, which
+the folds and re-parameterizations after this pass need as a constant.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from hypothesis import strategies as st
 from torch.fx import Node
 
 from fxopt.interpret import run_nodes
-from fxopt.ops import ANY, BATCH_NORM
+from fxopt.ops import ANY, BATCH_NORM, CONV, LINEAR, PAD_PER_CHANNEL
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter
 
@@ -39,6 +42,15 @@ _MUTATING_FUNCTIONS = {
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
     operator.imatmul,
 }
+# A folded value may hold more numbers than the constants it is computed from only up to this many.
+GROWTH_FLOOR = 1024
+# Where a layer reads a folded value as a parameter: folded whatever its size (passes need it constant).
+_PARAMETER_SLOTS = (
+    (CONV, ("weight", "bias")),
+    (LINEAR, ("weight", "bias")),
+    (BATCH_NORM, ("running_mean", "running_var", "weight", "bias")),
+    (PAD_PER_CHANNEL, ("value",)),
+)
 
 
 def _is_aten(target: Any) -> bool:
@@ -102,8 +114,12 @@ class FoldConstantCall(Pattern):
         closure = constant_closure(node, rw)
         if closure is None or rw.shape(node) is None:
             return None  # varies, or not a tensor (a shape, a tuple): folded with the tensor it feeds
-        if node.users and all(_folds_later(user, rw) for user in node.users):
+        seen: dict[Node, bool] = {}
+        if node.users and all(_will_fold(user, rw, seen) for user in node.users):
             return None  # every user folds this value together with its own: one evaluation for the chain
+        growth = _growth(node, closure, rw)
+        if growth is not None:
+            return growth
         return Match(node, {n.name: n for n in closure})
 
     def rewrite(self, match: Match, rw: Rewriter) -> Node:
@@ -112,8 +128,38 @@ class FoldConstantCall(Pattern):
         return rw.new_constant(_constant_name(match), value.detach().clone())
 
 
-def _folds_later(user: Node, rw: Rewriter) -> bool:
-    return user.op != "output" and constant_closure(user, rw) is not None and rw.shape(user) is not None
+def _will_fold(node: Node, rw: Rewriter, seen: dict[Node, bool]) -> bool:
+    """True when ``node``'s value is computed at optimisation time: folded itself, or inside the folds of
+    all its users. ``seen`` memoises the answer per node (constant subgraphs may share nodes)."""
+    if node not in seen:
+        closure = None if node.op == "output" or rw.shape(node) is None else constant_closure(node, rw)
+        seen[node] = closure is not None and (
+            (bool(node.users) and all(_will_fold(user, rw, seen) for user in node.users))
+            or _growth(node, closure, rw) is None
+        )
+    return seen[node]
+
+
+def _growth(node: Node, closure: list[Node], rw: Rewriter) -> Skip | None:
+    """Why folding ``node`` would store many more numbers than the constants it reads; None when it is fine."""
+    size = rw.shape(node).numel()
+    read = sum(rw.constant(n).numel() for n in {n.target: n for n in closure if n.op == "get_attr"}.values()
+               if rw.constant(n) is not None)
+    if size <= max(read, GROWTH_FLOOR) or _read_as_parameter(node):
+        return None
+    return Skip(
+        f"kept computed at run time: folding would store {size:,} numbers computed from {read:,} constant ones "
+        "(an expand, repeat or broadcast of a small tensor, or a tensor built from sizes), a larger model; "
+        "values a conv, linear or BatchNorm reads as a parameter are folded whatever their size"
+    )
+
+
+def _read_as_parameter(node: Node) -> bool:
+    return any(
+        op(user) and any(user.kwargs.get(slot) is node for slot in slots)
+        for user in node.users
+        for op, slots in _PARAMETER_SLOTS
+    )
 
 
 def _constant_name(match: Match) -> str:

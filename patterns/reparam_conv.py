@@ -7,7 +7,11 @@ pool, the identity, and sequences of them) is one conv of x: a float64 ``Branch`
   largest kernel: kernels are regrouped to the finest common groups, zero-padded to the largest
   size at the centre and added, biases added.
 * Sequential: pointwise -> spatial and spatial -> pointwise convs (and BN / scale / pool steps)
-  with nothing nonlinear between them compose into one conv.
+  with nothing nonlinear between them compose into one conv. A spatial step may read its input
+  padded with per-channel values (``ops.pad_per_channel``, DBB's BNAndPadLayer): after a 1x1 conv
+  or BN whose bias is those values, that is the spatial conv with zero padding on the 1x1's input.
+
+A sum whose summands do not all merge has its mergeable subset merged; the others stay as adds.
 
 Exactness conditions (shared notes, "Conv re-parameterization") are checked per branch; a branch
 combination that cannot be merged exactly is skipped with a reason.
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch.fx import Node
 
-from fxopt.ops import ADD, AVG_POOL, BATCH_NORM, CONV, IDENTITY, MUL
+from fxopt.ops import ADD, AVG_POOLS, BATCH_NORM, CONV, IDENTITY, MUL, PAD_PER_CHANNEL
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
 
@@ -44,6 +48,8 @@ class Branch:
     dilation: Ints
     groups: int
     padding_mode: str
+    # padding_mode "zeros" pads channel c of x with pad_value[c] instead (in the model's dtype); None: zeros
+    pad_value: torch.Tensor | None = None
 
     @property
     def kernel(self) -> Ints:
@@ -68,6 +74,10 @@ class Traced:
     cost: float  # multiply-adds per input pixel of the unmerged ops
 
 
+# a linear step: (its input, the Branch it applies, the nodes it consumes: the step first)
+Step = tuple[Node, Branch, tuple[Node, ...]]
+
+
 # ---------------------------------------------------------------------------------------------
 # one linear step: a conv, BN, per-channel scale or average pool, as a Branch on its input
 
@@ -86,7 +96,7 @@ def _diagonal(scale: torch.Tensor, shift: torch.Tensor, rank: int, kernel: Ints 
                   scale.numel(), "zeros")
 
 
-def _conv_step(node: Node, rw: Rewriter) -> tuple[Node, Branch] | Skip | None:
+def _conv_step(node: Node, rw: Rewriter) -> Step | Skip | None:
     k = node.kwargs
     if k["transposed"] or not (rw.is_constant(k["weight"]) and rw.is_constant(k["bias"])):
         return None  # not a fixed linear map of its input (fold_constants makes weight-only kernels constant)
@@ -97,10 +107,36 @@ def _conv_step(node: Node, rw: Rewriter) -> tuple[Node, Branch] | Skip | None:
     bias = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
     branch = Branch(weight, bias, tuple(k["stride"]), tuple(k["padding"]), tuple(k["dilation"]), k["groups"],
                     k["padding_mode"])
-    return k["input"], branch
+    return _reading_value_pad(node, k["input"], branch, rw)
 
 
-def _bn_step(node: Node, rw: Rewriter) -> tuple[Node, Branch] | Skip | None:
+def _reading_value_pad(node: Node, x: Node, branch: Branch, rw: Rewriter) -> Step:
+    """The step of ``branch`` on ``x``; when ``x`` pads with per-channel values and the step itself pads
+    nothing, the pad becomes part of the step (its padding and pad_value)."""
+    value_pad = _value_pad(x, len(branch.kernel), rw) if not any(branch.padding) else None
+    if value_pad is None:
+        return x, branch, (node,)
+    inner, padding, value = value_pad
+    return inner, replace(branch, padding=padding, padding_mode="zeros", pad_value=value), (node, x)
+
+
+def _value_pad(pad: Node, rank: int, rw: Rewriter) -> tuple[Node, Ints, torch.Tensor | None] | None:
+    """(input, symmetric padding, per-channel value or None for zeros) of a pad_per_channel node read
+    by nothing else, with a constant value; None otherwise."""
+    if not PAD_PER_CHANNEL(pad) or len(pad.users) != 1:
+        return None
+    widths, value = list(pad.kwargs["pad"]), rw.constant(pad.kwargs["value"])
+    channels = _channels(pad, rw)
+    if value is None or channels is None or len(widths) > 2 * rank or widths[0::2] != widths[1::2]:
+        return None
+    if not value.is_floating_point() or value.numel() not in (1, channels):
+        return None
+    padding = (0,) * (rank - len(widths) // 2) + tuple(reversed(widths[0::2]))
+    per_channel = value.flatten().expand(channels).clone()
+    return pad.kwargs["input"], padding, per_channel if bool(per_channel.any()) and any(padding) else None
+
+
+def _bn_step(node: Node, rw: Rewriter) -> Step | Skip | None:
     x = node.kwargs["input"]
     shape = rw.shape(x)
     if shape is None or len(shape) < 3:
@@ -108,10 +144,10 @@ def _bn_step(node: Node, rw: Rewriter) -> tuple[Node, Branch] | Skip | None:
     affine = bn_affine(node, rw)
     if isinstance(affine, Skip):
         return affine if node.kwargs["training"] else None
-    return x, _diagonal(*affine, rank=len(shape) - 2)
+    return x, _diagonal(*affine, rank=len(shape) - 2), (node,)
 
 
-def _scale_step(node: Node, rw: Rewriter) -> tuple[Node, Branch] | None:
+def _scale_step(node: Node, rw: Rewriter) -> Step | None:
     """x * s with s a python number or a constant of shape (C, 1, ...) / (1, C, 1, ...)."""
     for x, s in (node.args, reversed(node.args)):
         channels, shape = _channels(x, rw), rw.shape(x)
@@ -123,7 +159,7 @@ def _scale_step(node: Node, rw: Rewriter) -> tuple[Node, Branch] | None:
             scale = rw.constant(s).double().flatten().expand(channels).clone()
         else:
             continue
-        return x, _diagonal(scale, torch.zeros(channels, dtype=torch.float64), rank=len(shape) - 2)
+        return x, _diagonal(scale, torch.zeros(channels, dtype=torch.float64), rank=len(shape) - 2), (node,)
     return None
 
 
@@ -133,36 +169,39 @@ def _per_channel(shape: torch.Size, ndim: int, channels: int) -> bool:
     return len(padded) == ndim and padded[0] == 1 and padded[1] in (1, channels) and all(d == 1 for d in padded[2:])
 
 
-def _avg_pool_step(node: Node, rw: Rewriter) -> tuple[Node, Branch] | Skip | None:
+def _avg_pool_step(node: Node, rw: Rewriter) -> Step | Skip | None:
     k, x = node.kwargs, node.kwargs["input"]
     channels = _channels(x, rw)
     if channels is None:
         return None
     if k["ceil_mode"]:
         return Skip("average pooling with ceil_mode=True has partial windows at the border: no conv equals it")
-    if any(k["padding"]) and not k["count_include_pad"] and k["divisor_override"] is None:
+    divisor_override = k.get("divisor_override")  # 1-D pooling has none
+    if any(k["padding"]) and not k["count_include_pad"] and divisor_override is None:
         return Skip(
             "average pooling with count_include_pad=False divides border windows by fewer pixels: "
             "only count_include_pad=True is a conv"
         )
-    divisor = k["divisor_override"] or math.prod(k["kernel_size"])
+    divisor = divisor_override or math.prod(k["kernel_size"])
     scale = torch.full((channels,), 1.0 / divisor, dtype=torch.float64)
-    return x, _diagonal(scale, torch.zeros(channels, dtype=torch.float64), 2, tuple(k["kernel_size"]),
-                        tuple(k["stride"]), tuple(k["padding"]))
+    branch = _diagonal(scale, torch.zeros(channels, dtype=torch.float64), len(k["kernel_size"]),
+                       tuple(k["kernel_size"]), tuple(k["stride"]), tuple(k["padding"]))
+    return _reading_value_pad(node, x, branch, rw)
 
 
-def linear_step(node: Node, rw: Rewriter) -> tuple[Node, Branch] | Skip | None:
-    """``node`` as (its input, the Branch it applies), a Skip when it is linear but not mergeable, else None."""
+def linear_step(node: Node, rw: Rewriter) -> Step | Skip | None:
+    """``node`` as a Step (its input, the Branch it applies, the nodes it consumes), a Skip when it is
+    linear but not mergeable, else None."""
     if CONV(node):
         return _conv_step(node, rw)
     if BATCH_NORM(node):
         return _bn_step(node, rw)
     if MUL(node):
         return _scale_step(node, rw)
-    if AVG_POOL(node):
+    if any(pool(node) for pool in AVG_POOLS):
         return _avg_pool_step(node, rw)
     if IDENTITY(node) and _channels(node, rw) is not None:
-        return node.kwargs["input"], _identity(_channels(node, rw), len(rw.shape(node)) - 2)
+        return node.kwargs["input"], _identity(_channels(node, rw), len(rw.shape(node)) - 2), (node,)
     return None
 
 
@@ -173,20 +212,30 @@ def trace(node: Node, rw: Rewriter) -> Traced | Skip:
         return Traced(node, None, (), 0.0)
     if isinstance(step, Skip):
         return step
-    inner, branch = step
+    inner, branch, consumed = step
     cost = branch.macs_per_output() / math.prod(branch.stride)
     if len(inner.users) != 1:
-        return Traced(inner, branch, (node,), cost)
+        return _ended(Traced(inner, branch, consumed, cost))
     below = trace(inner, rw)
     if isinstance(below, Skip):
         return below
     if below.branch is None:
-        return Traced(inner, branch, (node,), cost)
+        return _ended(Traced(inner, branch, consumed, cost))
     composed = compose(below.branch, branch)
     if isinstance(composed, Skip):
         return composed
     cost = below.cost + cost / math.prod(below.branch.stride)
-    return Traced(below.x, composed, (node, *below.nodes), cost)
+    return Traced(below.x, composed, (*consumed, *below.nodes), cost)
+
+
+def _ended(traced: Traced) -> Traced | Skip:
+    """A chain that reads ``traced.x`` as it is: a plain conv of x, unless it pads x with per-channel values."""
+    if traced.branch.pad_value is not None:
+        return Skip(
+            "a conv reads its input padded with per-channel values (like DBB's BNAndPadLayer) and no 1x1 conv "
+            "or BatchNorm right before the padding yields those values: a plain conv pads with zeros only"
+        )
+    return traced
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,19 +269,39 @@ def compose(first: Branch, second: Branch) -> Branch | Skip:
         stride = tuple(a * b for a, b in zip(first.stride, second.stride))
         layout = first
     elif first.pointwise and all(s == 1 for s in first.stride):
-        if second.padding_mode == "zeros" and any(second.padding) and bool(first.bias.any()):
+        if second.pad_value is not None:
+            # padding first's output with its bias is first applied to x padded with zeros
+            mismatch = _pad_value_mismatch(second.pad_value, first.bias)
+            if mismatch is not None:
+                return mismatch
+        elif second.padding_mode == "zeros" and any(second.padding) and bool(first.bias.any()):
             return Skip(
                 "a 1x1 conv (or BatchNorm) with a bias feeds a zero-padded conv: the border sees 0 instead of "
                 "the bias, so no single conv is exact (pad the 1x1 output with its bias, or use padding 0)"
             )
         weight = torch.einsum("gom...,gmi->goi...", w2, w1.flatten(3).squeeze(-1))
-        stride, layout = second.stride, second
+        stride, layout = second.stride, replace(second, pad_value=None)
     elif first.pointwise:
         return Skip("a strided 1x1 conv before a spatial conv: the merged conv would need a fractional stride")
     else:
         return Skip("two spatial convs in sequence: the merged kernel would grow and the inner padding differs")
     bias = torch.einsum("gom,gm->go", w2.flatten(3).sum(-1), b1).flatten() + second.bias
     return replace(layout, weight=weight.flatten(0, 1), bias=bias, stride=stride, groups=groups)
+
+
+def _pad_value_mismatch(pad_value: torch.Tensor, bias: torch.Tensor) -> Skip | None:
+    """None when the pad values equal the bias of the 1x1 (or BN) before them, up to the rounding of
+    computing them in their own dtype (a few operations on numbers of the bias's size); else why not."""
+    scale = max(float(bias.abs().max()), float(pad_value.abs().max()))
+    tolerance = 8 * torch.finfo(pad_value.dtype).eps * scale
+    difference = float((pad_value.double() - bias).abs().max())
+    if difference <= tolerance:
+        return None
+    return Skip(
+        f"a conv's input is padded with per-channel values that differ (by up to {difference:.3g}) from the bias "
+        "the 1x1 conv or BatchNorm before the padding adds: the border is not that layer's output on a "
+        "zero-padded input, so no single conv is exact (pad with the layer's bias, as DBB's BNAndPadLayer does)"
+    )
 
 
 def merge_parallel(branches: list[Branch]) -> Branch | Skip:
@@ -328,18 +397,16 @@ class ParallelBranches(Pattern):
         if not all(isinstance(t, (Node, int, float)) for t in terms):
             return None
         traced = [self._trace_term(t, rw) for t in terms if isinstance(t, Node)]
-        problem = next((t for t in traced if isinstance(t, Skip)), None)
-        group = _mergeable_group(traced)
-        if group is None:
-            return problem if problem and len(terms) > 1 else None
-        if problem is not None:
-            return problem
-        merged = self._merged(group, rw)
-        if isinstance(merged, Skip):
-            return merged
+        problems = [t for t in traced if isinstance(t, Skip)]
+        found = _merged_subset(traced, rw)
+        if found is None:
+            return problems[0] if problems and len(terms) > 1 else None
+        if isinstance(found, Skip):
+            return found
+        group, merged, left_out = found
         nodes = {n.name: n for n in adds}
         nodes.update({n.name: n for t in group for n in t.nodes})
-        return Match(node, nodes, facts=(terms, traced, group, merged))
+        return Match(node, nodes, facts=(terms, traced, group, merged, [p.reason for p in problems] + left_out))
 
     @staticmethod
     def _trace_term(term: Node, rw: Rewriter) -> Traced | Skip:
@@ -347,16 +414,14 @@ class ParallelBranches(Pattern):
             return Traced(term, None, (), 0.0)  # read elsewhere too: it stays, so it is the input
         return trace(term, rw)
 
-    @staticmethod
-    def _merged(group: list[Traced], rw: Rewriter) -> Branch | Skip:
-        x = group[0].x
-        rank = len(rw.shape(x)) - 2
-        branches = [t.branch or _identity(_channels(x, rw), rank) for t in group]
-        return merge_parallel(branches)
-
     def rewrite(self, match: Match, rw: Rewriter) -> Node:
-        terms, traced, group, merged = match.facts
+        terms, traced, group, merged, left_out = match.facts
         nodes = [t for t in terms if isinstance(t, Node)]
+        if left_out:
+            rw.note(
+                f"reparam_conv at {match.root.name}: {len(group)} of {len(nodes)} summands merged into one conv, "
+                "the others kept as they are: " + "; ".join(dict.fromkeys(left_out))
+            )
         # a number added to the sum (``0 + branch`` starts many hand-written sums) goes into the bias
         merged = replace(merged, bias=merged.bias + sum(t for t in terms if not isinstance(t, Node)))
         result = _merged_conv(rw, group[0].x, merged, [n for t in group for n in t.nodes])
@@ -366,16 +431,63 @@ class ParallelBranches(Pattern):
         return result
 
 
-def _mergeable_group(traced: list[Traced | Skip]) -> list[Traced] | None:
-    """The first set of at least two summands on one input, one of them through a conv."""
+def _merged_subset(traced: list[Traced | Skip], rw: Rewriter) -> tuple[list[Traced], Branch, list[str]] | Skip | None:
+    """The summands to merge (at least two on one input, one of them through a conv), their merged
+    branch and why each other summand on that input stays out; a Skip when summands share an input
+    but no two of them merge; None when no summands share an input."""
     by_input: dict[Node, list[Traced]] = {}
     for t in traced:
         if isinstance(t, Traced):
             by_input.setdefault(t.x, []).append(t)
+    first_skip = None
     for group in by_input.values():
-        if len(group) > 1 and any(CONV(n) for t in group for n in t.nodes):
-            return group
-    return None
+        if len(group) < 2 or not any(_through_conv(t) for t in group):
+            continue
+        x = group[0].x
+        rank = len(rw.shape(x)) - 2
+        branches = [t.branch or _identity(_channels(x, rw), rank) for t in group]
+        found = _largest_mergeable(group, branches)
+        if not isinstance(found, Skip):
+            return _unless_costlier(*found)
+        first_skip = first_skip or found
+    return first_skip
+
+
+def _unless_costlier(group: list[Traced], merged: Branch, left_out: list[str]) -> tuple | Skip:
+    """The merge, unless the one conv does more multiply-adds than the branches it replaces
+    (a dense 1x1 beside a depthwise 7x7 would become a dense 7x7)."""
+    before = sum(t.cost for t in group)
+    after = merged.macs_per_output() / math.prod(merged.stride)
+    if after > before:
+        return Skip(
+            f"merging these branches gives one conv with {after:.0f} multiply-adds per output pixel, more than "
+            f"the {before:.0f} of the branches (e.g. a dense 1x1 beside a depthwise conv): exact, but slower"
+        )
+    return group, merged, left_out
+
+
+def _through_conv(traced: Traced) -> bool:
+    return any(CONV(n) for n in traced.nodes)
+
+
+def _largest_mergeable(group: list[Traced], branches: list[Branch]) -> tuple[list[Traced], Branch, list[str]] | Skip:
+    """All of ``group`` merged when they merge; else the largest subset that merges (greedily grown from
+    each summand in turn), with the reason each summand left out does not merge with it."""
+    merged = merge_parallel(branches)
+    if not isinstance(merged, Skip):
+        return group, merged, []
+    best: list[int] = []
+    for seed in range(len(branches)):
+        chosen = [seed]
+        for i in range(len(branches)):
+            if i != seed and not isinstance(merge_parallel([branches[j] for j in (*chosen, i)]), Skip):
+                chosen.append(i)
+        if len(chosen) > len(best) and any(_through_conv(group[i]) for i in chosen):
+            best = sorted(chosen)
+    if len(best) < 2:
+        return merged
+    left_out = [merge_parallel([branches[j] for j in (*best, i)]) for i in range(len(branches)) if i not in best]
+    return [group[i] for i in best], merge_parallel([branches[i] for i in best]), [s.reason for s in left_out]
 
 
 class SequentialConvs(Pattern):
@@ -386,7 +498,7 @@ class SequentialConvs(Pattern):
     def match(self, node: Node, rw: Rewriter) -> Match | Skip | None:
         traced = trace(node, rw)
         if isinstance(traced, Skip):
-            return traced if CONV(node.kwargs["input"]) else None
+            return traced if CONV(node.kwargs["input"]) or PAD_PER_CHANNEL(node.kwargs["input"]) else None
         if len(traced.nodes) < 2:
             return None
         merged_cost = traced.branch.macs_per_output() / math.prod(traced.branch.stride)
@@ -441,7 +553,8 @@ def _randomised(module: nn.Module, seed: int) -> nn.Module:
 def reparam_instances(draw) -> tuple[nn.Module, tuple]:
     """A sum of 2-4 mergeable branches with random kernel, stride, dilation, groups and padding mode."""
     rank = draw(st.sampled_from([1, 2, 2]))
-    conv_cls, bn_cls = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d)}[rank]
+    conv_cls, bn_cls, pool_cls = {1: (nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d),
+                                  2: (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d)}[rank]
     groups = draw(st.sampled_from([1, 2]))
     cin = groups * draw(st.integers(1, 3))
     depthwise = draw(st.booleans())
@@ -463,7 +576,7 @@ def reparam_instances(draw) -> tuple[nn.Module, tuple]:
         kinds += ["asymmetric"]
     if cin == cout and stride == 1:
         kinds += ["bn", "identity", "scale"]
-    if rank == 2 and cin == cout and dilation == 1 and mode == "zeros":
+    if cin == cout and dilation == 1 and mode == "zeros":
         kinds += ["avg"]
     chosen = draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=3))
     branches: list[nn.Module] = [conv(K)]
@@ -473,7 +586,8 @@ def reparam_instances(draw) -> tuple[nn.Module, tuple]:
         elif kind == "small_conv":
             branches.append(conv(draw(st.sampled_from([k for k in (1, 3) if k < K] or [1]))))
         elif kind == "conv_then_1x1":
-            branches.append(nn.Sequential(conv(K), conv_cls(cout, cout, 1)))
+            # a grouped 1x1: after a depthwise conv a dense one would make the merge costlier (skipped)
+            branches.append(nn.Sequential(conv(K), conv_cls(cout, cout, 1, groups=groups)))
         elif kind == "asymmetric":
             branches.append(nn.Sequential(conv((1, K)), bn_cls(cout)))
         elif kind == "bn":
@@ -483,7 +597,7 @@ def reparam_instances(draw) -> tuple[nn.Module, tuple]:
         elif kind == "scale":
             branches.append(_Scale(cout, rank))
         else:
-            branches.append(nn.Sequential(nn.AvgPool2d(K, stride, P), bn_cls(cout)))
+            branches.append(nn.Sequential(pool_cls(K, stride, P), bn_cls(cout)))
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     model = _randomised(_BranchSum(branches), seed).eval()

@@ -126,17 +126,121 @@ class ACBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# DBB: KxK-BN + 1x1-BN + (1x1 -> KxK)-BN + (1x1 -> avg)-BN
+# DBB: KxK-BN + 1x1-BN + (1x1 -> BNAndPad -> KxK)-BN + (1x1 -> BNAndPad -> avg)-BN
+
+
+class BNAndPad(nn.Module):
+    """DBB's BNAndPadLayer: a BatchNorm whose output is padded with the BN's own per-channel shift
+    (what it gives a zero input), written into the border with one slice assignment per side.
+
+    With the KxK conv after it at padding 0, the 1x1 -> BN -> KxK branch is one KxK conv with zero
+    padding on the block's input (zero padding there would need the shift at the border).
+    """
+
+    def __init__(self, pad: int, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(x)
+        if self.pad > 0:
+            bn, p = self.bn, self.pad
+            shift = bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            out = F.pad(out, [p, p, p, p])
+            shift = shift.view(1, -1, 1, 1)
+            out[:, :, 0:p, :] = shift
+            out[:, :, -p:, :] = shift
+            out[:, :, :, 0:p] = shift
+            out[:, :, :, -p:] = shift
+        return out
+
+
+class IdentityBasedConv1x1(nn.Conv2d):
+    """DBB's 1x1 conv that learns a residual on the identity: its kernel is weight + I, built in forward."""
+
+    def __init__(self, channels: int, groups: int = 1):
+        super().__init__(channels, channels, 1, groups=groups, bias=False)
+        per_group = channels // groups
+        identity = torch.zeros(channels, per_group, 1, 1)
+        for c in range(channels):
+            identity[c, c % per_group] = 1.0
+        self.register_buffer("id_tensor", identity)
+        nn.init.normal_(self.weight, std=0.1)  # DBB starts from zeros; trained weights are not
+
+    def kernel(self) -> torch.Tensor:
+        return self.weight + self.id_tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel(), None, 1, 0, 1, self.groups)
 
 
 class DBBlock(nn.Module):
+    """The Diverse Branch Block as its paper's code builds it: the 1x1 -> KxK and 1x1 -> avg branches pad
+    with BNAndPad and run their KxK conv / pool at padding 0 (torch.export captures it: slice writes)."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__()
+        p = k // 2
+        self.k, self.groups = k, groups
+        self.origin = conv_bn(cin, cout, k, stride, p, groups)
+        depthwise = groups >= cout
+        self.one = None if depthwise else conv_bn(cin, cout, 1, stride, 0, groups)
+        if depthwise:  # no 1x1 before the pool: it pads the input with zeros itself
+            self.avg = nn.Sequential(nn.AvgPool2d(k, stride, p))
+        else:
+            self.avg = nn.Sequential(nn.Conv2d(cin, cout, 1, groups=groups, bias=False), BNAndPad(p, cout),
+                                     nn.AvgPool2d(k, stride, 0))
+        self.avg_bn = nn.BatchNorm2d(cout)
+        self.idconv = IdentityBasedConv1x1(cin, groups)
+        self.bn_pad = BNAndPad(p, cin)
+        self.kxk = conv_bn(cin, cout, k, stride, 0, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.origin(x)
+        if self.one is not None:
+            out = out + self.one(x)
+        out = out + self.avg_bn(self.avg(x))
+        return out + self.kxk(self.bn_pad(self.idconv(x)))
+
+    @torch.no_grad()
+    def reparameterize(self) -> nn.Conv2d:
+        g, k = self.groups, self.k
+        w, b = fused(self.origin, k)
+        if self.one is not None:
+            w1, b1 = fused(self.one, k)
+            w, b = w + w1, b + b1
+        first = fuse_bn(self.idconv.kernel(), None, self.bn_pad.bn)
+        w2, b2 = _compose_1x1_then_kxk_bias(first, fuse_bn(self.kxk[0].weight, None, self.kxk[1]), g)
+        avg = torch.ones(k, k) / k**2
+        cout = self.avg_bn.num_features
+        if self.one is None:
+            wa, ba = fuse_bn(_depthwise_as_grouped(avg, cout, g), None, self.avg_bn)
+        else:
+            first = fuse_bn(self.avg[0].weight, None, self.avg[1].bn)
+            second = fuse_bn(_depthwise_as_grouped(avg, cout, g), None, self.avg_bn)
+            wa, ba = _compose_1x1_then_kxk_bias(first, second, g)
+        return deploy_conv(self.origin[0], w + w2 + wa, b + b2 + ba)
+
+
+def _compose_1x1_then_kxk_bias(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
+                               groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DBB's transIII with biases: the 1x1's bias goes through the KxK kernel (the border is padded with it)."""
+    (w1, b1), (w2, b2) = first, second
+    through = [w.sum((2, 3)) @ b for w, b in zip(w2.chunk(groups, 0), b1.chunk(groups, 0))]
+    return _compose_1x1_then_kxk(w1, w2, groups), torch.cat(through) + b2
+
+
+class DBBlockBiasFree(nn.Module):
+    """A DBB variant without BNAndPad: the 1x1 before the KxK has no bias and nothing between them, so
+    plain zero padding of its output is exact (symbolic_trace captures it)."""
+
     def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1):
         super().__init__()
         p = k // 2
         self.k, self.groups, self.stride, self.p = k, groups, stride, p
         self.origin = conv_bn(cin, cout, k, stride, p, groups)
         self.one = conv_bn(cin, cout, 1, stride, 0, groups)
-        # the 1x1 has no bias and nothing between it and the KxK: zero padding of its output is exact
         self.idconv = nn.Conv2d(cin, cin, 1, groups=groups, bias=False)
         self.kxk = conv_bn(cin, cout, k, stride, p, groups)
         self.avg_conv = nn.Conv2d(cin, cout, 1, groups=groups, bias=False)

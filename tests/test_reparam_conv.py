@@ -17,8 +17,8 @@ from fxopt.pattern import get_pass
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reparam_blocks import (  # noqa: E402
-    ACBlock, DBBlock, DEConv, MobileOneBlock, MobileOneScale, Net, RepLKBlock, RepVGGBlock, RepVGGFunctional,
-    randomise_bn,
+    ACBlock, BNAndPad, DBBlock, DBBlockBiasFree, DEConv, MobileOneBlock, MobileOneScale, Net, RepLKBlock,
+    RepVGGBlock, RepVGGFunctional, randomise_bn,
 )
 
 PASSES = ["fold_constants", "fold_bn", "reparam_conv"]
@@ -84,9 +84,139 @@ def test_acnet(mode: str) -> None:
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_dbb(groups: int) -> None:
+    """The paper's block: BNAndPad pads with the BN's shift (slice writes, captured by torch.export)."""
     torch.manual_seed(5)
-    net = Net(DBBlock(4, 8, stride=2, groups=groups), DBBlock(8, 8, groups=groups), DBBlock(8, 8, k=5))
+    last = DBBlock(8, 8, k=5) if groups == 1 else DBBlock(8, 8, groups=8)  # depthwise: the pool reads x
+    check_family(Net(DBBlock(4, 8, stride=2, groups=groups), last), torch.randn(2, 4, 10, 10))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_dbb_bias_free_zero_padding(groups: int) -> None:
+    """A bias-free 1x1 then a zero-padded KxK: zero padding of the 1x1's output is exact."""
+    torch.manual_seed(5)
+    net = Net(DBBlockBiasFree(4, 8, stride=2, groups=groups), DBBlockBiasFree(8, 8, groups=groups),
+              DBBlockBiasFree(8, 8, k=5))
     check_family(net, torch.randn(2, 4, 12, 12))
+
+
+class _PadWith(nn.Module):
+    """Pads its input with a learned per-channel value, by slice writes (BNAndPad without the BN)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.value = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.pad(x, [1, 1, 1, 1])
+        value = self.value.view(1, -1, 1, 1)
+        out[:, :, :1, :] = value
+        out[:, :, -1:, :] = value
+        out[:, :, :, :1] = value
+        out[:, :, :, -1:] = value
+        return out
+
+
+class _PadThreeSides(_PadWith):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.pad(x, [1, 1, 1, 1])
+        value = self.value.view(1, -1, 1, 1)
+        out[:, :, :1, :] = value
+        out[:, :, -1:, :] = value
+        out[:, :, :, :1] = value
+        return out
+
+
+@pytest.mark.parametrize("pad, canonical", [(_PadWith, True), (_PadThreeSides, False)])
+def test_border_writes_become_one_pad_per_channel(pad: type, canonical: bool) -> None:
+    """Zero padding then a write into every border strip is one pure op; other writes stay as written."""
+    torch.manual_seed(15)
+    result = fxopt.optimize(_Chain(pad(4), nn.ReLU()), (torch.randn(1, 4, 5, 5),), passes=[])
+    assert result.report.verification.passed, result.report
+    # the canonical op is lowered to a torch.where over the padded input (saved code is torch only)
+    assert any(n.target is torch.where for n in result.graph.nodes) == canonical, result.code
+    assert any(n.target is torch.ops.aten.copy_.default for n in result.graph.nodes) != canonical, result.code
+
+
+@pytest.mark.parametrize("chain, reason", [
+    # the 1x1's own bias goes through the BN: the BN's shift alone is not what the branch adds
+    ("biased 1x1 -> BNAndPad", "differ (by up to"),
+    ("pad of the block input", "a plain conv pads with zeros only"),
+])
+def test_value_padding_that_is_not_the_bias_is_skipped(chain: str, reason: str) -> None:
+    torch.manual_seed(11)
+    head = [_conv(1, bias=True), BNAndPad(1, 4)] if chain.startswith("biased") else [_PadWith(4)]
+    model = randomise_bn(_Sum(_conv(3, 1, 1), _Chain(*head, _conv(3))))
+    result = fxopt.optimize(model, (torch.randn(1, 4, 7, 7),), passes=PASSES)
+    reparam = result.report.passes[-1]
+    assert any(reason in r for _, r in reparam.skipped), result.report
+    assert reparam.applied == 0 and result.report.verification.passed, result.report
+
+
+# ---------------------------------------------------------------------------------------------
+# a sum with a summand that cannot merge: the others still become one conv
+
+
+def _conv_bn(k: int, p: int) -> nn.Sequential:
+    return nn.Sequential(_conv(k, 1, p, bias=False), nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("odd, convs, note", [
+    (lambda: _conv(3, 1, 2, dilation=2), 2, "different dilations"),
+    (lambda: nn.AvgPool2d(3, 1, 1, count_include_pad=False), 1, "count_include_pad=False"),
+    (lambda: nn.Sequential(_conv(3, 1, 1), nn.ReLU()), 2, None),
+], ids=["dilated conv", "avg pool without padding counted", "nonlinear branch"])
+def test_partial_merge_keeps_the_odd_summand(odd, convs: int, note: str | None) -> None:
+    torch.manual_seed(12)
+    model = randomise_bn(_Sum(_conv_bn(3, 1), odd(), _conv_bn(1, 0), nn.BatchNorm2d(4)))
+    result = fxopt.optimize(model, (torch.randn(2, 4, 8, 8),), passes=["reparam_conv"])
+    assert result.report.verification.passed, result.report
+    assert result.report.passes[0].applied == 1, result.report
+    assert conv_calls(result) == convs, result.code
+    if note is not None:
+        assert any("3 of 4 summands" in n and note in n for n in result.report.notes), result.report.notes
+
+
+def test_a_merge_that_would_cost_more_is_skipped() -> None:
+    """A dense 1x1 beside a depthwise 7x7 would become a dense 7x7: exact, but 49x the work of the 1x1."""
+    torch.manual_seed(16)
+    depthwise = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+    model = _Sum(depthwise, nn.Conv2d(8, 8, 1)).eval()
+    result = fxopt.optimize(model, (torch.randn(1, 8, 9, 9),), passes=["reparam_conv"])
+    reparam = result.report.passes[0]
+    assert reparam.applied == 0 and any("more than" in r for _, r in reparam.skipped), result.report
+    assert conv_calls(result) == 2 and result.report.verification.passed, result.report
+
+
+# ---------------------------------------------------------------------------------------------
+# average pooling branches of any rank
+
+
+def _randomised_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(13)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                for t in (m.running_mean, m.weight, m.bias):
+                    t.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+class _FunctionalPool3d(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool3d(x, 3, 2, 1)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_avg_pool_branch_of_any_rank(rank: int) -> None:
+    torch.manual_seed(14)
+    conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 3: (nn.Conv3d, nn.BatchNorm3d)}[rank]
+    pool = nn.Sequential(nn.AvgPool1d(3, 2, 1), bn(4)) if rank == 1 else nn.Sequential(_FunctionalPool3d(), bn(4))
+    model = _randomised_bn(_Sum(nn.Sequential(conv(4, 4, 3, 2, 1, bias=False), bn(4)), pool, conv(4, 4, 1, 2)))
+    x = torch.randn(2, 4, *(7,) * rank)
+    result = fxopt.optimize(model, (x,), passes=["reparam_conv"])
+    assert result.report.verification.passed, result.report
+    assert conv_calls(result) == 1 and not any("pool" in str(n.target) for n in result.graph.nodes), result.code
 
 
 def test_mobileone() -> None:
@@ -179,6 +309,49 @@ def test_fold_constants_keeps_random_ops() -> None:
 def test_fold_constants_keeps_computation_on_mutated_buffers() -> None:
     result = fxopt.optimize(_Counter(), (torch.randn(2, 3),), passes=["fold_constants"], verify=False)
     assert result.report.passes[0].applied == 0
+
+
+class _Broadcast(nn.Module):
+    """A small parameter expanded (or a tensor built from sizes) to a large operand."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.scale = nn.Parameter(torch.randn(1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "expand":
+            return x * self.scale.expand(64, 64)
+        if self.how == "repeat":
+            return x + self.scale.repeat(64, 64)
+        return x + self.scale.new_ones(64, 64) * self.scale  # torch.ones(64, 64) would be traced as a constant
+
+
+@pytest.mark.parametrize("how", ["expand", "repeat", "factory"])
+def test_fold_constants_refuses_to_grow_the_model(how: str) -> None:
+    result = fxopt.optimize(_Broadcast(how), (torch.randn(64, 64),), passes=["fold_constants"])
+    report = result.report.passes[0]
+    assert report.applied == 0 and report.params_after == report.params_before, result.report
+    assert any("folding would store 4,096 numbers" in r for _, r in report.skipped), result.report
+    assert result.report.verification.passed
+
+
+class _ExpandedKernel(nn.Module):
+    """A conv kernel expanded from one shared 3x3 tap pattern: the conv needs it constant, so it folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.taps = nn.Parameter(torch.randn(1, 1, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.taps.expand(16, 16, 3, 3), None, 1, 1)
+
+
+def test_fold_constants_folds_large_weights_a_conv_reads() -> None:
+    result = fxopt.optimize(_ExpandedKernel(), (torch.randn(1, 16, 6, 6),), passes=["fold_constants"])
+    assert result.report.passes[0].applied == 1, result.report
+    assert not any(n.target == "expand" for n in result.graph.nodes), result.code
+    assert result.report.verification.passed
 
 
 # ---------------------------------------------------------------------------------------------
