@@ -41,14 +41,21 @@ def preserved_buffers(module: Any) -> Iterator[None]:
 
 
 class _Recorder(Interpreter):
-    def __init__(self, gm: GraphModule):
-        super().__init__(gm, garbage_collect_values=False)
+    def __init__(self, gm: GraphModule, keep_values: bool = True):
+        super().__init__(gm, garbage_collect_values=not keep_values)
 
     def run_node(self, n: Node) -> Any:
         value = super().run_node(n)
         if isinstance(value, torch.Tensor):
             n.meta["tensor_meta"] = _extract_tensor_metadata(value)
         return value
+
+
+def record_shapes(gm: GraphModule, example_inputs: tuple) -> None:
+    """Annotate ``node.meta['tensor_meta']`` by running ``gm``, freeing each value after its last
+    use (a ResNet-50's activations at 224x224 weigh a third of its weights)."""
+    with torch.no_grad(), preserved_buffers(gm):
+        _Recorder(gm, keep_values=False).run(*pytree.tree_leaves(example_inputs))
 
 
 def run_graph(gm: GraphModule, example_inputs: tuple) -> dict[Node, Any]:
