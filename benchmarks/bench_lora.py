@@ -1,12 +1,15 @@
 """merge_lora vs PEFT's merge_and_unload on a GPT-2-small-shaped model with r=16 LoRA on attention and MLP.
 
-Merge time and peak memory are measured in a fresh process each (peak RSS above the RSS before merging);
-latency of the unmerged, PEFT-merged and fxopt-merged models is measured side by side, alternating, medians.
-Run: python benchmarks/bench_lora.py
+Merge time and peak memory are measured in a fresh process each (peak RSS above the RSS before merging),
+alternating PEFT, fxopt, fxopt inplace=True and fxopt with no pass (capture + codegen: the floor every fxopt
+pass pays) for --rounds rounds; medians, and the median of per-round ratios to PEFT. Latency of the unmerged,
+PEFT-merged and fxopt-merged models is measured side by side, alternating, medians.
+Run: python benchmarks/bench_lora.py [--rounds 3]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import multiprocessing as mp
 import resource
@@ -39,7 +42,8 @@ def merge(model: torch.nn.Module, inputs: tuple, how: str) -> torch.nn.Module:
         warnings.simplefilter("ignore")
         if how == "peft":
             return model.merge_and_unload()
-        return fxopt.optimize(model, inputs, passes=["merge_lora"], verify=False, inplace=how == "fxopt_inplace")
+        passes = [] if how == "fxopt_no_pass" else ["merge_lora"]
+        return fxopt.optimize(model, inputs, passes=passes, verify=False, inplace=how == "fxopt_inplace")
 
 
 def _rss_mib() -> float:
@@ -64,9 +68,10 @@ def merge_cost(how: str) -> tuple[float, float, float]:
     queue = context.Queue()
     process = context.Process(target=_measure_merge, args=(how, queue))
     process.start()
-    result = queue.get()
-    process.join()
-    return result
+    process.join()  # the result is three numbers: the queue cannot fill up before it is read
+    if process.exitcode != 0:
+        raise RuntimeError(f"measuring the {how} merge failed in its process (exit code {process.exitcode})")
+    return queue.get()
 
 
 def latencies(models: dict[str, torch.nn.Module], inputs: tuple) -> dict[str, float]:
@@ -82,23 +87,40 @@ def latencies(models: dict[str, torch.nn.Module], inputs: tuple) -> dict[str, fl
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+MERGES = ("peft", "fxopt", "fxopt_inplace", "fxopt_no_pass")
+
+
+def merge_table(rounds: int) -> None:
+    costs: dict[str, list[tuple[float, float, float]]] = {how: [] for how in MERGES}
+    for _ in range(rounds):
+        for how in MERGES:  # alternate, so drift hits every method alike
+            costs[how].append(merge_cost(how))
+    print("\n| merge | time (s) | time / PEFT | peak RSS above start (MiB) | model RSS at start (MiB) |")
+    print("|---|---|---|---|---|")
+    for how, runs in costs.items():
+        ratio = statistics.median(run[0] / peft[0] for run, peft in zip(runs, costs["peft"]))
+        seconds, extra, before = (statistics.median(run[i] for run in runs) for i in range(3))
+        print(f"| {how} | {seconds:.2f} | {ratio:.2f}x | {extra:.0f} | {before:.0f} |")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the merge-cost processes")
+    args = parser.parse_args()
     print(f"GPT-2-small shape, LoRA r=16 on c_attn/c_proj/c_fc, input (1, {SEQ}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print("\nmerge            time (s)   peak RSS above start (MiB)   model RSS at start (MiB)")
-    for how in ("peft", "fxopt", "fxopt_inplace"):
-        seconds, extra, before = merge_cost(how)
-        print(f"{how:15s}  {seconds:8.2f}   {extra:26.0f}   {before:24.0f}")
+          f"{torch.get_num_threads()} threads; fxopt_no_pass = capture + codegen only")
+    merge_table(args.rounds)
     model, inputs = build()
     peft_merged = merge(copy.deepcopy(model), inputs, "peft")
     fxopt_merged = merge(model, inputs, "fxopt")
     with torch.no_grad():
         difference = (fxopt_merged(*inputs).logits - peft_merged(*inputs).logits).abs().max().item()
     ms = latencies({"unmerged": model, "peft_merged": peft_merged, "fxopt_merged": fxopt_merged}, inputs)
-    print(f"\nlatency (median of {ROUNDS}, ms)")
+    print(f"\n| model | latency (median of {ROUNDS}, ms) | / unmerged |")
+    print("|---|---|---|")
     for name, value in ms.items():
-        print(f"{name:15s}  {value:8.2f}   {value / ms['unmerged']:.2f}x unmerged")
-    print(f"fxopt / peft merged latency ratio: {ms['fxopt_merged'] / ms['peft_merged']:.3f}")
+        print(f"| {name} | {value:.2f} | {value / ms['unmerged']:.2f}x |")
+    print(f"\nfxopt / peft merged latency ratio: {ms['fxopt_merged'] / ms['peft_merged']:.3f}")
     print(f"max |fxopt - peft| logits: {difference:.2e}")
 
 

@@ -25,10 +25,7 @@ EXAMPLES = int(os.environ.get("FXOPT_CHECK_EXAMPLES", "15"))
 
 # Passes check_pass currently fails, reported to their authors. Strict: once a pass is fixed its
 # test fails as XPASS, so the entry cannot outlive the bug; delete it then.
-KNOWN_FAILURES = {
-    "merge_lora": "does not fire on its own DoRA instance (spelling='scale_last', LoraLinear 2->2, rank 1, "
-    "no bias, x of shape [1, 2]) and reports no skip reason",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def registered(p: Pass) -> object:

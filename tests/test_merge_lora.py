@@ -1,5 +1,5 @@
-"""merge_lora: hand-written adapters, real PEFT models (LoRA, rsLoRA, DoRA, lora_bias, several adapters,
-conv LoRA) and every Skip reason."""
+"""merge_lora: hand-written adapters (LoRA spellings, DoRA, NOLA, KronA, tied weights), real PEFT models (LoRA,
+rsLoRA, DoRA, lora_bias, several adapters, LoHa, LoKr, VeRA, conv LoRA) and every Skip reason."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from hypothesis import given, settings
 from torch import nn
 
 import fxopt
-from fxopt.patterns.merge_lora import LoraConv, LoraLinear, merge_lora_instances
-from tests.lora_models import LeakyAdapter, PromotingAdapter, ResidualAdapter, SmallCNN, TiedAdapters
+from fxopt.patterns.merge_lora import KronLinear, LoraConv, LoraLinear, merge_lora_instances
+from tests.lora_models import (
+    AxesAffineAdapter, LeakyAdapter, NolaLinear, PromotingAdapter, RandomScaleAdapter, ResidualAdapter,
+    RowMixingAdapter, SmallCNN, TiedAdapters, TiedLayers,
+)
 
 _LAYER_TARGETS = {F.linear, torch._C._nn.linear, torch.addmm, torch.ops.aten.addmm.default, torch.matmul,
                   F.conv1d, F.conv2d, F.conv3d, torch.conv2d}
@@ -51,6 +54,44 @@ def test_handwritten_adapters_merge(spelling: str, variant: str) -> None:
     assert report.applied == 1 and not report.skipped and not report.rolled_back
     assert layer_count(result) == 1
     torch.testing.assert_close(result(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_merges_without_remove_noops_first() -> None:
+    # check_pass's minimal instance: DoRA's weight norm runs the branch on an identity matrix through the
+    # layer's eval-mode dropout, which fold_constants counts as random; merge_lora alone must see through it
+    model = randomized(LoraLinear(2, 2, [1], "scale_last", bias=False, dora=True))
+    x = torch.randn(1, 2)
+    result = fxopt.optimize(model, (x,), passes=["merge_lora"])
+    report = result.report.passes[-1]
+    assert report.applied == 1 and not report.skipped and not report.rolled_back
+    assert layer_count(result) == 1
+    assert report.params_after == 4  # the merged 2x2 weight only: DoRA's ``base - 0.0`` adds no zero bias
+    assert result.report.verification.passed
+
+
+@pytest.mark.parametrize(
+    "build",
+    [NolaLinear, *(lambda s=spelling: KronLinear(2, 3, 2, 2, s) for spelling in ("kron", "factored", "transposed")),
+     AxesAffineAdapter],
+    ids=["nola", "krona_kron", "krona_factored", "krona_transposed", "two_axes_bias_scale_shift"],
+)
+def test_adapters_built_from_bases_and_kronecker_factors_merge(build) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 5, model.base.in_features)
+    result = fxopt.optimize(model, (x,), passes=["merge_lora"])
+    report = result.report.passes[-1]
+    assert report.applied == 1 and not report.skipped and layer_count(result) == 1
+    assert result.report.verification.passed
+
+
+def test_branch_that_moves_rows_is_not_merged() -> None:
+    # merged without per-rewrite validation, so a wrong merge would stay: the whole model is checked after
+    model = randomized(RowMixingAdapter())
+    x = torch.randn(3, 3, 6)
+    result, report = merge(model, (x,), verify=False)
+    assert report.applied == 0 and layer_count(result) == 3
+    assert fxopt.verify(model, result, (x,)).passed
 
 
 def test_residual_term_is_kept_and_the_rest_merges() -> None:
@@ -100,8 +141,23 @@ def _skip_reasons(model: nn.Module, x: torch.Tensor) -> str:
     return " ".join(reason for _, reason in report.skipped)
 
 
-def test_skip_tied_weight() -> None:
-    assert "shared with another layer" in _skip_reasons(TiedAdapters(), torch.randn(3, 6))
+def test_tied_weight_with_the_same_delta_everywhere_merges_once_and_stays_tied() -> None:
+    model = randomized(TiedLayers(same_delta=True))
+    x = torch.randn(3, 6)
+    result, report = merge(model, (x,))
+    assert report.applied == 1 and not report.skipped and layer_count(result) == 2  # both sums in one rewrite
+    weights = {n.kwargs["weight"].target for n in result.graph.nodes if n.target in _LAYER_TARGETS}
+    assert len(weights) == 1  # one merged weight, read by both layers
+    assert report.params_after == 36 + 2 * 6  # the tied 6x6 weight once, and each layer's own bias
+    assert result.report.verification.passed
+
+
+def test_skip_tied_weight_one_user_without_adapter() -> None:
+    assert "that does not see the same adapter" in _skip_reasons(TiedAdapters(), torch.randn(3, 6))
+
+
+def test_skip_tied_weight_with_different_deltas() -> None:
+    assert "their adapters differ" in _skip_reasons(TiedLayers(same_delta=False), torch.randn(3, 6))
 
 
 def test_skip_adapter_value_used_elsewhere() -> None:
@@ -110,6 +166,15 @@ def test_skip_adapter_value_used_elsewhere() -> None:
 
 def test_skip_dtype_promotion() -> None:
     assert "base weight is torch.float32" in _skip_reasons(PromotingAdapter(), torch.randn(3, 6))
+
+
+def test_skip_scale_drawn_at_random() -> None:
+    # the model's own output is random: nothing to verify against, only that nothing merged and why
+    model = randomized(RandomScaleAdapter())
+    nn.init.constant_(model.keep, 0.5)
+    result, report = merge(model, (torch.randn(3, 6),), verify=False)
+    assert report.applied == 0 and layer_count(result) == 3
+    assert "cannot be evaluated once" in " ".join(reason for _, reason in report.skipped)
 
 
 def test_skip_grouped_conv_adapter_mixing_groups() -> None:
@@ -171,6 +236,58 @@ def test_peft_transformer(arch: str, variant: str) -> None:
         warnings.simplefilter("ignore")
         merged = copy.deepcopy(model).merge_and_unload()
     torch.testing.assert_close(_logits(result(ids)), merged(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def _weight_built_config(peft, variant: str, targets: list[str], extra: dict):
+    """LoHa, LoKr and VeRA build their delta weight in forward from small factors (VeRA: from frozen random
+    bases shared by every layer): merge_lora evaluates that weight-only subgraph."""
+    if variant == "loha":
+        return peft.LoHaConfig(r=4, alpha=8, target_modules=targets, init_weights=False, rank_dropout=0.1,
+                               module_dropout=0.1)
+    if variant == "lokr":
+        return peft.LoKrConfig(r=4, alpha=8, target_modules=targets, init_weights=False, decompose_both=True)
+    return peft.VeraConfig(r=4, target_modules=targets, init_weights=False, vera_dropout=0.1, **extra)
+
+
+@pytest.mark.parametrize(
+    "arch, variant",  # PEFT's LoHa and LoKr do not adapt GPT-2's Conv1D
+    [("llama", "loha"), ("llama", "lokr"), ("llama", "vera"), ("gpt2", "vera")],
+)
+def test_peft_weight_built_adapters(arch: str, variant: str) -> None:
+    peft = _peft()
+    base, targets, extra = _tiny(arch)
+    ids = torch.randint(0, 100, (1, 8))
+    base_layers = layer_count(fxopt.optimize(copy.deepcopy(base).eval(), (ids,), passes=[], verify=False))
+    model = peft.get_peft_model(base, _weight_built_config(peft, variant, targets, extra)).eval()
+    with torch.no_grad():  # PEFT starts some factors at zero (VeRA's lambda_b): make every adapter matter
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+        with model.disable_adapter():
+            base_logits = model(ids).logits
+        assert not torch.allclose(model(ids).logits, base_logits, rtol=1e-3, atol=1e-3)
+    result = fxopt.optimize(model, (ids,), passes=["merge_lora"])
+    report = result.report.passes[-1]
+    assert report.applied == 8 and not report.skipped and not report.rolled_back
+    assert layer_count(result) == base_layers
+    assert result.report.verification.passed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = copy.deepcopy(model).merge_and_unload()
+    torch.testing.assert_close(_logits(result(ids)), merged(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_adapter_on_tied_lm_head_is_skipped() -> None:
+    # GPT-2's lm_head reads the embedding's weight; the embedding sees no adapter, so merging would change it
+    # too (PEFT's merge_and_unload does, and the logits move by several units)
+    peft = _peft()
+    base, _, _ = _tiny("gpt2")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval()
+    result, report = merge(model, (torch.randint(0, 100, (1, 8)),))
+    assert report.applied == 0
+    assert "that does not see the same adapter" in " ".join(reason for _, reason in report.skipped)
+    assert result.report.verification.passed
 
 
 def test_peft_several_adapters_and_lora_bias_merge_together() -> None:
