@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch.fx import Node
 
 from fxopt.interpret import run_nodes
-from fxopt.ops import ANY, BATCH_NORM, CONV, LINEAR, PAD_PER_CHANNEL
+from fxopt.ops import ANY, BATCH_NORM, CONV, DROPOUT, LINEAR, PAD_PER_CHANNEL
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter
 
@@ -57,8 +57,15 @@ def _is_aten(target: Any) -> bool:
     return isinstance(target, torch._ops.OpOverload)
 
 
-def _is_pure(node: Node) -> bool:
-    """A deterministic call that writes into none of its arguments."""
+# In-place in name only: they change autograd bookkeeping, never values (LoHa under torch.export).
+_KEEPS_VALUES = {torch.ops.aten.detach_.default, "detach_", "requires_grad_"}
+
+
+def is_pure(node: Node) -> bool:
+    """A deterministic call that writes into none of its arguments (eval-mode dropout included:
+    it is the identity)."""
+    if node.target in _KEEPS_VALUES or (DROPOUT(node) and (not node.kwargs["training"] or node.kwargs["p"] == 0)):
+        return True
     if node.op == "call_method":
         name = node.target
         return not (name.endswith("_") and not name.endswith("__")) and name not in _RANDOM_METHODS
@@ -81,7 +88,7 @@ def _mutated(node: Node, rw: Rewriter) -> bool:
     """
     readers = rw.get_attrs(node.target) if node.op == "get_attr" else [node]
     return any(
-        user.op in ("call_function", "call_method") and not _is_pure(user) for n in readers for user in n.users
+        user.op in ("call_function", "call_method") and not is_pure(user) for n in readers for user in n.users
     )
 
 
@@ -97,7 +104,7 @@ def constant_closure(node: Node, rw: Rewriter) -> list[Node] | None:
         if n.op == "get_attr":
             ok = rw.constant(n) is not None and not _mutated(n, rw)
         else:
-            ok = _is_pure(n) and not _mutated(n, rw) and all(visit(arg) for arg in n.all_input_nodes)
+            ok = is_pure(n) and not _mutated(n, rw) and all(visit(arg) for arg in n.all_input_nodes)
         if ok:
             closure[n] = None
         return ok

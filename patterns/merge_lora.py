@@ -37,7 +37,7 @@ from fxopt.interpret import run_nodes
 from fxopt.ops import ADD, ADDMM, CONV, DROPOUT, IDENTITY, LINEAR, MATMUL, MUL, SUB
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
-from .fold_constants import _is_pure
+from .fold_constants import constant_closure
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape, "view", "reshape",
@@ -49,7 +49,6 @@ _ALIASES = {aten.alias.default, aten.detach.default, aten.contiguous.default, at
 _LAYERS = (LINEAR, MATMUL, ADDMM, CONV)
 # In place, but on autograd state only: torch.export spells a tensor made in forward
 # (``torch.tensor(scale)``, LoHa's scale) as lift_fresh_copy followed by detach_.
-_KEEPS_VALUES = {aten.detach_.default, "detach_", "requires_grad_"}
 
 
 class _NotMergeable(Exception):
@@ -165,7 +164,7 @@ class _Analysis:
             return value
         if self.rw.reads_inputs(node):
             return None  # checked first: the closure walk is exponential on activations
-        closure = _weight_only_closure(node, self.rw)
+        closure = constant_closure(node, self.rw)
         if closure is None:
             return None
         value = run_nodes(self.rw.gm, closure, {})[node]  # in the model's dtype, as the forward computes it
@@ -386,35 +385,6 @@ class _Analysis:
                 return fa  # DoRA's ``base - 0.0`` for a layer without bias: no bias to merge
             return Form(fa.weight, _add(fa.bias, sign * vector.expand(fa.weight.shape[0])), fa.window)
         return None
-
-
-def _weight_only_closure(node: Node, rw: Rewriter) -> list[Node] | None:
-    """``node`` and every call and get_attr it is computed from, when all of it is constant, else None.
-
-    fold_constants' closure, except that eval-mode dropout counts as the identity it is (fold_constants
-    counts every dropout as random): DoRA's weight norm runs the adapter branch, dropout included, on
-    an identity matrix.
-    """
-    if rw.reads_inputs(node):
-        return None
-    verdicts: dict[Node, bool] = {}
-
-    def pure(n: Node) -> bool:
-        return _is_pure(n) or _is_eval_dropout(n) or n.target in _KEEPS_VALUES
-
-    def written(n: Node) -> bool:  # a get_attr counts every read of its attribute: a buffer updated in forward varies
-        readers = rw.get_attrs(n.target) if n.op == "get_attr" else [n]
-        return any(u.op in ("call_function", "call_method") and not pure(u) for r in readers for u in r.users)
-
-    def constant(n: Node) -> bool:
-        if n not in verdicts:
-            if n.op == "get_attr":
-                verdicts[n] = rw.constant(n) is not None and not written(n)
-            else:
-                verdicts[n] = pure(n) and not written(n) and all([constant(a) for a in n.all_input_nodes])
-        return verdicts[n]
-
-    return [n for n, ok in verdicts.items() if ok] if constant(node) else None
 
 
 def _is_call(node: Node, targets: set) -> bool:
