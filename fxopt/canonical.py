@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from . import ops
-from .interpret import attribute, install_attributes
+from .interpret import attribute, eliminate_dead_code, install_attributes
 from .ops import Op
 
 aten = torch.ops.aten
@@ -47,7 +47,7 @@ def canonicalize(gm: GraphModule) -> GraphModule:
         graph.erase_node(node)
     _absorb_border_writes(graph)
     _absorb_pads(graph)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
     install_attributes(gm, {t: attribute(gm, t) for t in targets})
     return gm  # no recompile: the working graph runs through the Interpreter; codegen compiles once
@@ -556,6 +556,20 @@ def _matmul(first: str, second: str) -> Callable[[Node], Canonical | None]:
     return convert
 
 
+def _fake_quant_module(node: Node, m: torch.ao.quantization.FakeQuantizeBase) -> Canonical | None:
+    if not all(hasattr(m, a) for a in ("observer_enabled", "fake_quant_enabled", "scale", "zero_point")):
+        return None  # a FakeQuantizeBase subclass with its own state: left as it is
+    if int(m.observer_enabled[0]) != 0:
+        return None  # still observing: forward updates its scale, a stateful call left as it is
+    if int(m.fake_quant_enabled[0]) == 0:
+        return ops.IDENTITY, {"input": node.args[0]}
+    common = {"input": node.args[0], "scale": _Param(f"{node.target}.scale"),
+              "zero_point": _Param(f"{node.target}.zero_point"), "quant_min": m.quant_min, "quant_max": m.quant_max}
+    if m.is_per_channel:
+        return ops.FAKE_QUANT_PER_CHANNEL, {**common, "axis": m.ch_axis}
+    return ops.FAKE_QUANT_PER_TENSOR, common
+
+
 # ---------------------------------------------------------------------------------------------
 # the spelling tables
 
@@ -569,6 +583,7 @@ _MODULE_SPELLINGS: list[tuple[tuple[type, ...], Callable[[Node, Any], Canonical 
     ((nn.Identity,), lambda node, m: (ops.IDENTITY, {"input": node.args[0]})),
     ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), _avg_pool_module),
     ((nn.Embedding,), _embedding_module),
+    ((torch.ao.quantization.FakeQuantize, torch.ao.quantization.FusedMovingAvgObsFakeQuantize), _fake_quant_module),
 ]
 
 _FUNCTION_SPELLINGS: dict[Any, Callable[[Node], Canonical | None]] = {
@@ -634,8 +649,8 @@ _METHOD_SPELLINGS: dict[str, Callable[[Node], Canonical | None]] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# fake quantizers (torch.ao FakeQuantize modules in eval mode with the observer off trace to the
-# functional form, so they arrive here as torch.fake_quantize_*)
+# fake quantizers: torch.fake_quantize_*, and torch.ao FakeQuantize modules (kept whole by capture:
+# their forward branches on their own buffers) read from the module's state
 
 
 def _float32_source(scale: Any) -> Any:

@@ -25,6 +25,10 @@ class Captured:
 
 
 class _LeafTracer(Tracer):
+    # Buffers are proxied like parameters: fx's default computes ops on buffers while tracing, which
+    # freezes a torch.bernoulli(buffer) into a constant and drops an in-place buffer update.
+    proxy_buffer_attributes = True
+
     def __init__(self, leaves: tuple[LeafSpec, ...], autowrap_functions: tuple[Callable, ...]):
         super().__init__(autowrap_functions=autowrap_functions)
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
@@ -33,6 +37,8 @@ class _LeafTracer(Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
             return True
+        if isinstance(m, torch.ao.quantization.FakeQuantizeBase):
+            return True  # its forward branches on its own buffers; canonicalization reads its state
         return super().is_leaf_module(m, qualname)
 
 

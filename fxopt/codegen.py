@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from . import ops, quant
-from .interpret import attribute
+from .interpret import attribute, eliminate_dead_code
 from .rewriter import base_name
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -45,7 +45,7 @@ def finalize(gm: GraphModule, class_name: str, new_attributes: set[str], share: 
         elif ops.IDENTITY(node):
             node.replace_all_uses_with(node.kwargs["input"])
             graph.erase_node(node)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     attributes, fresh = _attributes_by_final_name(gm, new_attributes)
     if not share:
         attributes = {name: value if name in fresh else _copy(value) for name, value in attributes.items()}

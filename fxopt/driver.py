@@ -13,7 +13,7 @@ from .canonical import canonicalize
 from .capture import LeafSpec, capture
 from .codegen import finalize
 from .errors import FxoptError, InputError, UnknownPassError
-from .interpret import attribute, preserved_buffers, topological
+from .interpret import attribute, eliminate_dead_code, preserved_buffers, topological
 from .pattern import Match, Pass, Pattern, Skip, default_passes, get_pass
 from .report import PassReport, Report
 from .rewriter import Rewriter
@@ -157,7 +157,7 @@ def apply_pass(
                 break
         if skip is not None:
             stats.skipped.append((node.name, skip.reason))
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     stats.nodes_after, stats.params_after = _count_nodes(gm), _count_params(gm)
     return stats
 

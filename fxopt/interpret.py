@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -97,6 +98,34 @@ def install_attributes(root: torch.nn.Module, attributes: dict[str, Any]) -> Non
             owner.add_module(leaf, value)
         else:
             setattr(owner, leaf, value)
+
+
+_IN_PLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul,
+}
+
+
+def writes_state(node: Node) -> bool:
+    """True for a node whose call writes into a tensor (``buffer.add_(1)``, ``x[i] = v``, an aten
+    op with a mutable schema, ``out=``/``inplace=True``) or is otherwise impure to fx: removing it
+    when nothing reads its result would change what the model does."""
+    if node.is_impure():
+        return True
+    target = node.target
+    if node.op == "call_method":
+        return target.endswith("_") and not target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    return target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True or "out" in node.kwargs
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> None:
+    """fx's dead-code elimination, keeping every node that writes state (see writes_state)."""
+    graph.eliminate_dead_code(is_impure_node=writes_state)
 
 
 def topological(nodes: Iterable[Node]) -> list[Node]:

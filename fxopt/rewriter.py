@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .interpret import attribute, run_graph
+from .interpret import attribute, record_shapes
 from .ops import Op
 
 
@@ -69,7 +69,7 @@ class Rewriter:
         if not isinstance(node, Node):
             return None
         if not _has_shape(node) and self.example_inputs is not None and self._shapes_recorded_at != self._version:
-            run_graph(self.gm, self.example_inputs)
+            record_shapes(self.gm, self.example_inputs)
             self._shapes_recorded_at = self._version
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):

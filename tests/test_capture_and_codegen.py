@@ -196,3 +196,30 @@ def test_bound_container_paths_follow_dtype_changes_copies_and_reassignment():
         replacement.bias.zero_()
     setattr(result, "0", replacement)  # nn.Module.__setattr__ must win over the bound path
     assert torch.equal(result(x), torch.zeros_like(result(x)))
+
+
+class _CountsCalls(nn.Module):
+    """Updates a buffer in place on every call and draws noise from a buffer of probabilities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros(1))
+        self.register_buffer("keep", torch.full((3,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.linear(x) * self.calls + torch.bernoulli(self.keep)
+
+
+def test_buffer_updates_and_random_ops_on_buffers_are_kept() -> None:
+    """fx's default tracer computes ops on buffers while tracing: the update would vanish and the
+    noise be frozen into a constant. Capture proxies buffers, and dead-code elimination keeps writes."""
+    result = fxopt.optimize(_CountsCalls().eval(), (torch.randn(2, 3),), verify=False)
+    targets = {n.target for n in result.graph.nodes}
+    assert "add_" in targets and torch.bernoulli in targets, result.code
+    x = torch.randn(2, 3)
+    torch.manual_seed(0)
+    first = result(x)
+    torch.manual_seed(0)
+    assert not torch.equal(first, result(x))  # the counter moved on
