@@ -2,6 +2,7 @@
 changing what it computes, with every rewrite checked against a float64 oracle."""
 
 from .capture import capture
+from .draw import draw
 from .driver import optimize
 from .errors import CaptureError, FxoptError, InputError, SaveError, UnknownPassError
 from .pattern import Match, Pass, Pattern, Skip, list_passes, register
@@ -14,7 +15,7 @@ from . import quant  # noqa: E402,F401
 from .equivalence import bisect, verify  # noqa: E402
 
 __all__ = [
-    "optimize", "verify", "bisect", "list_passes", "save", "load", "capture", "register", "Pass", "Pattern", "Match", "Skip",
+    "optimize", "verify", "bisect", "list_passes", "save", "load", "capture", "draw", "register", "Pass", "Pattern", "Match", "Skip",
     "Rewriter", "Report", "PassReport", "CaptureError", "FxoptError", "InputError", "SaveError",
     "UnknownPassError",
 ]
