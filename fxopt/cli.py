@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"fxopt: error: {error}{hint}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (``fxopt passes | head``): nothing left to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush is quiet too
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
