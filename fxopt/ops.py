@@ -113,6 +113,19 @@ def pad_widths(padding: tuple[int, ...]) -> list[int]:
     return widths
 
 
+def layout_op(node: Any) -> str | None:
+    """The one name of a call, whatever its spelling: ``"view"`` for ``x.view(...)``,
+    ``torch.ops.aten.view.default`` and ``torch.Tensor.view`` alike (``"reshape"`` for
+    ``torch.reshape``, ``"to"`` for every ``aten.to`` overload). Layout ops are not canonicalized
+    (they keep their spelling in the graph); passes that look through them ask this, and decide
+    themselves what each name means for them. None for a node that is not a call."""
+    if not isinstance(node, Node) or node.op not in ("call_function", "call_method"):
+        return None
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", "").split(".")[0] or None
+
+
 class Op:
     """A canonical op: its target and the names of its keyword arguments."""
 

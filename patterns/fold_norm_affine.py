@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch.fx import Node
 
-from fxopt.ops import ADDMM, LAYER_NORM, LINEAR, RMS_NORM, ZERO_MEAN_RMS_NORM, Op
+from fxopt.ops import ADDMM, LAYER_NORM, LINEAR, RMS_NORM, ZERO_MEAN_RMS_NORM, Op, layout_op
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
 
@@ -34,12 +34,6 @@ class Consumer:
 
     layer: Node
     via: Node | None = None
-
-
-def _reshape_name(node: Node) -> str | None:
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", "").split(".")[0]
-    return name if node.op in ("call_function", "call_method") and name in _RESHAPE_NAMES else None
 
 
 def _reads_as_input(layer: Node, value: Node) -> bool:
@@ -66,7 +60,7 @@ def affine_consumers(value: Node, rw: Rewriter, what: str) -> list[Consumer] | S
     consumers: list[Consumer] = []
     width = _last_dim(value, rw)
     for user in value.users:
-        if _reshape_name(user) and user.args and user.args[0] is value and width is not None and _last_dim(user, rw) == width:
+        if layout_op(user) in _RESHAPE_NAMES and user.args and user.args[0] is value and width is not None and _last_dim(user, rw) == width:
             readers = [(layer, user) for layer in user.users]
         else:
             readers = [(user, None)]

@@ -34,18 +34,17 @@ from hypothesis import strategies as st
 from torch.fx import Node
 
 from fxopt.interpret import run_nodes
-from fxopt.ops import ADD, ADDMM, CONV, DROPOUT, IDENTITY, LINEAR, MATMUL, MUL, SUB
+from fxopt.ops import ADD, ADDMM, CONV, DROPOUT, IDENTITY, LINEAR, MATMUL, MUL, SUB, layout_op
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
 from .fold_constants import constant_closure
 
-aten = torch.ops.aten
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape, "view", "reshape",
-          torch.flatten, "flatten", torch.unflatten, "unflatten"}  # row-major reshapes: read their result's shape
-_CASTS = {aten.to.dtype, aten._to_copy.default, "to", "type_as"}
-_PERMUTES = {aten.permute.default, torch.permute, "permute"}
-_TRANSPOSES = {aten.transpose.int, torch.transpose, "transpose", *_PERMUTES}
-_ALIASES = {aten.alias.default, aten.detach.default, aten.contiguous.default, aten.clone.default, "contiguous"}
+# layout ops by their one name (fxopt.ops.layout_op)
+_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}  # row-major reshapes: read their result's shape
+_CASTS = {"to", "_to_copy", "type_as"}
+_PERMUTES = {"permute"}
+_TRANSPOSES = {"transpose", *_PERMUTES}
+_ALIASES = {"alias", "detach", "contiguous", "clone"}
 _LAYERS = (LINEAR, MATMUL, ADDMM, CONV)
 # In place, but on autograd state only: torch.export spells a tensor made in forward
 # (``torch.tensor(scale)``, LoHa's scale) as lift_fresh_copy followed by detach_.
@@ -284,7 +283,7 @@ class _Analysis:
         source = node.args[0]
         inner = self.form(source)
         after = self.rw.shape(node)
-        if inner is None or after is None or self.conv:
+        if inner is None or after is None or self.conv or _reinterprets(source, node):
             return None
         features = self._features(inner, source)
         if features is None or not math.prod(features):
@@ -387,15 +386,20 @@ class _Analysis:
         return None
 
 
-def _is_call(node: Node, targets: set) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in targets and bool(node.args) \
-        and isinstance(node.args[0], Node)
+def _reinterprets(source: Node, view: Node) -> bool:
+    """``x.view(torch.int32)``: same shape, other dtype, the bits read as something else."""
+    before, after = _meta(source), _meta(view)
+    return before is not None and after is not None and before.dtype != after.dtype
+
+
+def _is_call(node: Node, names: set[str]) -> bool:
+    return layout_op(node) in names and bool(node.args) and isinstance(node.args[0], Node)
 
 
 def _permutation(node: Node, ndim: int) -> list[int] | None:
     """The axis order a transpose or permute node produces, or None when its arguments are not plain ints."""
     args = [*node.args[1:], *node.kwargs.values()]
-    if node.target in _PERMUTES:
+    if layout_op(node) in _PERMUTES:
         dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         order = [d % ndim for d in dims] if all(isinstance(d, int) for d in dims) else None
         return order if order is not None and sorted(order) == list(range(ndim)) else None
@@ -439,14 +443,14 @@ def _passes_through(node: Node, conv: bool | None) -> Node | None:
     if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], Node):
         return None
     source = node.args[0]
-    if node.target in _ALIASES:
+    if layout_op(node) in _ALIASES:
         return source
     before, after = _meta(source), _meta(node)
     if before is None or after is None:
         return None
-    if node.target in _CASTS:
+    if layout_op(node) in _CASTS:
         return source if before.dtype == after.dtype else None
-    if node.target in _VIEWS and conv is not True:
+    if layout_op(node) in _VIEWS and conv is not True and before.dtype == after.dtype:
         # flattening / unflattening leading dims keeps each feature row: GPT-2's Conv1D does this around addmm
         same_rows = before.shape[-1:] == after.shape[-1:] and math.prod(before.shape) == math.prod(after.shape)
         return source if same_rows else None
