@@ -8,13 +8,44 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch.fx import GraphModule, Tracer
+from torch.fx import GraphModule, Proxy, Tracer
+from torch.fx.node import map_aggregate
+from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
 LeafSpec = type | str
+
+
+# node.meta key: the CallRecord slots a traced value fills
+BOUNDARY = "fxopt_call_boundary"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One traced value in a CallRecord: argument ``position`` (an index, or a name for a keyword
+    argument) or result number ``position`` of call ``key``."""
+
+    key: str
+    kind: str  # "arg", "kwarg" or "out"
+    position: int | str
+
+
+@dataclass
+class CallRecord:
+    """How the model called one traced-through submodule (symbolic_trace only): its arguments and its
+    result, each traced value replaced by its Slot, which is also listed in that node's
+    ``meta[BOUNDARY]`` (meta survives canonicalization, nodes do not). ``complete`` is False when a
+    traced value sat where a slot could not name it (inside an object)."""
+
+    path: str
+    args: tuple
+    kwargs: dict[str, Any]
+    result: Any
+    complete: bool
 
 
 @dataclass
@@ -22,6 +53,7 @@ class Captured:
     module: GraphModule
     frontend: str
     notes: list[str] = field(default_factory=list)
+    calls: dict[str, CallRecord] = field(default_factory=dict)  # by the call's nn_module_stack key
 
 
 class _LeafTracer(Tracer):
@@ -33,6 +65,7 @@ class _LeafTracer(Tracer):
         super().__init__(autowrap_functions=autowrap_functions)
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self.leaf_names = {x for x in leaves if isinstance(x, str)}
+        self.calls: dict[str, CallRecord] = {}
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
@@ -40,6 +73,46 @@ class _LeafTracer(Tracer):
         if isinstance(m, torch.ao.quantization.FakeQuantizeBase):
             return True  # its forward branches on its own buffers; canonicalization reads its state
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Trace the call as fx does, and record a traced-through call's arguments and result, so that
+        fxopt.restore can give a rewritten submodule the forward() signature its caller uses."""
+        path = self.path_of_module(m)
+        calls_before = self.num_calls.get(path, 0)
+        result = super().call_module(m, forward, args, kwargs)
+        if not self.is_leaf_module(m, path):
+            key = f"{path}@{calls_before}" if calls_before else path  # fx's nn_module_stack key for this call
+            self.calls[key] = _record(key, path, args, kwargs, result)
+        return result
+
+
+def _record(key: str, path: str, args: tuple, kwargs: dict, result: Any) -> CallRecord:
+    def slot(kind: str, position: Any) -> Callable[[Any], Any]:
+        def mark(value: Any) -> Any:
+            if not isinstance(value, Proxy):
+                return value
+            tag = Slot(key, kind, position)
+            value.node.meta.setdefault(BOUNDARY, []).append(tag)
+            return tag
+
+        return mark
+
+    marked_args = tuple(slot("arg", i)(a) for i, a in enumerate(args))
+    marked_kwargs = {name: slot("kwarg", name)(v) for name, v in kwargs.items()}
+    outputs = iter(range(1 << 30))
+    marked_result = map_aggregate(result, lambda v: slot("out", next(outputs))(v))
+    leaves = pytree.tree_leaves((marked_args, marked_kwargs, marked_result))
+    complete = _plain(result) and not any(isinstance(v, Proxy) for v in leaves)
+    return CallRecord(path, marked_args, marked_kwargs, marked_result, complete)
+
+
+def _plain(value: Any) -> bool:
+    """Only tuples, lists and dicts as containers: a graph can return those (not a namedtuple or ModelOutput)."""
+    if type(value) in (tuple, list):
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(_plain(v) for v in value.values())
+    return not isinstance(value, (tuple, list, dict))
 
 
 def capture(
@@ -54,7 +127,8 @@ def capture(
     try:
         tracer = _LeafTracer(leaves, wrapped)
         graph = tracer.trace(model)
-        return Captured(GraphModule(tracer.root, graph, type(model).__name__), "torch.fx.symbolic_trace")
+        module = GraphModule(tracer.root, graph, type(model).__name__)
+        return Captured(module, "torch.fx.symbolic_trace", calls=tracer.calls)
     except Exception as error:  # noqa: BLE001 - any tracing failure sends us to the next frontend
         trace_error = error
     try:

@@ -10,12 +10,13 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .canonical import canonicalize
-from .capture import LeafSpec, capture
+from .capture import Captured, LeafSpec, capture
 from .codegen import finalize
 from .errors import FxoptError, InputError, UnknownPassError
 from .interpret import attribute, eliminate_dead_code, preserved_buffers, topological
 from .pattern import Match, Pass, Pattern, Skip, default_passes, get_pass
-from .report import PassReport, Report
+from .report import KeptClass, PassReport, Report
+from .restore import Kept, Snapshot, keep_class as keep_class_of, snapshot
 from .rewriter import Rewriter
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ def optimize(
     inplace: bool = False,
     leaf_modules: Iterable[LeafSpec] = (),
     autowrap_functions: Iterable[Callable] = (),
-) -> GraphModule:
+    keep_class: bool = False,
+) -> torch.nn.Module:
     """Return a module that computes what ``model`` computes, cheaper.
 
     ``example_inputs`` is a tuple of forward()'s arguments, as for torch.export. ``passes=None``
@@ -46,6 +48,13 @@ def optimize(
     used afterwards, and the whole-model check at the end is left out when that happened (every
     rewrite is still validated before it is committed). ``leaf_modules`` (types or
     qualified names) and ``autowrap_functions`` are kept opaque by tracing.
+
+    The result is a generated ``GraphModule``; with ``keep_class=True`` it is a copy of ``model``, of
+    its own class, with the submodules the passes rewrote swapped in (each one a copy holding its new
+    parameters, ``nn.Identity``, a plain ``nn.ConvNd``/``nn.Linear``, or a generated module), so its
+    other methods (``generate()``, ``forward_features()``) and attributes keep working. Where a rewrite
+    crosses the model's own forward() (it changes operations of the model itself), the result is the
+    generated module and ``report.kept_class.fallback`` says which module and why.
     The result carries ``.report`` (an :class:`fxopt.Report`).
     """
     if not isinstance(example_inputs, tuple):
@@ -55,7 +64,7 @@ def optimize(
         )
     selected = default_passes() if passes is None else [p if isinstance(p, Pass) else get_pass(p) for p in passes]
     try:
-        return _optimize(model, example_inputs, selected, verify, inplace, leaf_modules, autowrap_functions)
+        return _optimize(model, example_inputs, selected, verify, inplace, leaf_modules, autowrap_functions, keep_class)
     except (InputError, UnknownPassError):
         raise
     except Exception as error:
@@ -73,16 +82,19 @@ def _optimize(
     inplace: bool,
     leaf_modules: Iterable[LeafSpec],
     autowrap_functions: Iterable[Callable],
-) -> GraphModule:
+    keep_class: bool,
+) -> torch.nn.Module:
     captured = capture(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     gm = canonicalize(captured.module)
+    before = snapshot(gm) if keep_class else None
     report = Report(type(model).__name__, captured.frontend, notes=list(captured.notes))
     validator = _validator(gm, example_inputs) if verify else None
     rewriter = Rewriter(gm, example_inputs, reuse_storage=inplace)
     for p in selected:
         report.passes.append(apply_pass(gm, p, rewriter, validator))
     report.notes += rewriter.notes
-    result = finalize(gm, f"Optimized{type(model).__name__}", rewriter.committed_attributes, share=inplace)
+    kept = _kept_class(model, before, gm, captured, rewriter, inplace, report) if before is not None else None
+    result = kept if kept is not None else _generated(model, gm, rewriter, inplace)  # a Sequential can be falsy
     if verify and rewriter.reused:
         report.notes.append(
             f"inplace=True: {rewriter.reused} rewritten tensors were written into the model's own storage, so the "
@@ -97,8 +109,50 @@ def _optimize(
         rejection = _rejection(model, example_inputs) if report.verification.exception else None
         if rejection is not None:
             raise rejection
+        if kept is not None and not report.verification.passed:
+            result = _generated_instead(model, example_inputs, kept, gm, rewriter, inplace, report)
     result.report = report
     return result
+
+
+def _generated(model: torch.nn.Module, gm: GraphModule, rewriter: Rewriter, inplace: bool) -> GraphModule:
+    return finalize(gm, f"Optimized{type(model).__name__}", rewriter.committed_attributes, share=inplace)
+
+
+def _kept_class(
+    model: torch.nn.Module, before: Snapshot, gm: GraphModule, captured: Captured, rewriter: Rewriter,
+    inplace: bool, report: Report,
+) -> torch.nn.Module | None:
+    """The user's class with the rewritten submodules swapped in (None: why not is in the report)."""
+    kept = keep_class_of(model, before, gm, captured, rewriter.committed_attributes, inplace)
+    if not isinstance(kept, Kept):
+        report.kept_class = KeptClass(fallback=kept)
+        return None
+    report.kept_class = KeptClass(kept.swapped)
+    report.notes += kept.notes
+    return kept.module
+
+
+def _generated_instead(
+    model: torch.nn.Module, example_inputs: tuple, kept: torch.nn.Module, gm: GraphModule, rewriter: Rewriter,
+    inplace: bool, report: Report,
+) -> torch.nn.Module:
+    """The kept-class copy failed the whole-model check. When the generated module passes it, a swap
+    went wrong (or the model's Python does something its graph does not show): return the generated
+    module and say so. When both fail, the passes are at fault and the report already says so."""
+    from fxopt.equivalence import verify as verify_models
+
+    generated = _generated(model, gm, rewriter, inplace)
+    check = verify_models(model, generated, example_inputs, examples=3)
+    if not check.passed:
+        return kept
+    failure = " ".join(str(report.verification).splitlines()[:2])
+    report.kept_class = KeptClass(
+        fallback=f"the copy of {type(model).__name__} with the rewritten submodules swapped in failed the "
+        f"whole-model check ({failure}) while the generated module passes it; please report this with the model"
+    )
+    report.verification = check
+    return generated
 
 
 def _rejection(model: torch.nn.Module, example_inputs: tuple) -> InputError | None:

@@ -28,6 +28,22 @@ class PassReport:
 
 
 @dataclass
+class KeptClass:
+    """What ``optimize(keep_class=True)`` returned: the user's class with submodules swapped in, or
+    (``fallback`` set) the generated module, and why the class could not be kept."""
+
+    swapped: list[tuple[str, str]] = field(default_factory=list)  # (submodule path, what it became)
+    fallback: str | None = None
+
+    def lines(self, model: str) -> list[str]:
+        if self.fallback is not None:
+            return [f"kept class: no, returned a generated module instead of {model}: {self.fallback}"]
+        if not self.swapped:
+            return [f"kept class: {model}, no submodule changed"]
+        return [f"kept class: {model}, with"] + [f"  {path or '(the model)'}: {what}" for path, what in self.swapped]
+
+
+@dataclass
 class Report:
     """``str(report)`` is a table, one row per pass, then notes and the final verification."""
 
@@ -36,6 +52,7 @@ class Report:
     passes: list[PassReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     verification: Any = None  # fxopt.equivalence.VerificationResult, when verify=True
+    kept_class: KeptClass | None = None  # set by optimize(keep_class=True)
 
     def __str__(self) -> str:
         rows = []
@@ -62,6 +79,8 @@ class Report:
             for where, error in p.rolled_back:
                 lines.append(f"rolled back: {p.name} at {where}: {error}")
         lines += [f"note: {n}" for n in self.notes]
+        if self.kept_class is not None:
+            lines += self.kept_class.lines(self.model)
         if self.verification is not None:
             verdict = "passed" if self.verification.passed else "FAILED"
             lines.append(

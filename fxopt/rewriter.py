@@ -215,6 +215,7 @@ class Rewriter:
 
     def commit(self, replacements: dict[Node, Node], matched: list[Node]) -> None:
         """Hand each replaced node's uses to its replacement and erase what is left dead."""
+        stamp_scopes(self.created, replacements, matched)
         for old, new in replacements.items():
             if "tensor_meta" in old.meta:
                 new.meta.setdefault("tensor_meta", old.meta["tensor_meta"])
@@ -287,6 +288,69 @@ class Rewriter:
             owner._buffers[leaf] = None
         elif hasattr(owner, leaf):
             delattr(owner, leaf)
+
+
+_SCOPE = "nn_module_stack"  # the module calls a node was traced in, as capture records them
+
+
+def stamp_scopes(created: list[Node], replacements: dict[Node, Node], matched: list[Node]) -> None:
+    """Give each node a rewrite created the module scope it stands for (``meta["nn_module_stack"]``,
+    which fxopt.restore reads to swap rewritten submodules into the user's class): that of the node
+    it replaces or is built in front of, when that is the same op; else the innermost scope common
+    to the matched nodes of its op, narrowed to those reading the same input when there are such
+    (a folded conv stays in its conv's module); else that of the nodes it replaces; else the
+    innermost scope common to the whole match."""
+    made, in_match = set(created), set(matched)
+    computed = [m for m in matched if m.op not in ("get_attr", "placeholder")]
+    same_op: dict[tuple, list[Node]] = {}
+    for m in computed:
+        same_op.setdefault((m.op, m.target), []).append(m)
+    replaced: dict[Node, list[Node]] = {}
+    for old, new in replacements.items():
+        replaced.setdefault(new, []).append(old)
+    common: dict[int, dict] = {}  # by source list: the nodes of one op share one scope
+    for node in created:
+        if node.op == "get_attr" or _SCOPE in node.meta:
+            continue
+        stands_for = [*replaced.get(node, []), _built_before(node, made)]
+        alike = [n for n in stands_for if n in in_match and (n.op, n.target) == (node.op, node.target)]
+        if alike:
+            node.meta[_SCOPE] = _common_scope(alike[:1])
+            continue
+        sources = same_op.get((node.op, node.target)) or replaced.get(node) or computed
+        near = [n for n in sources if _first_input(n) is not None and _first_input(n) is _first_input(node)]
+        if near:
+            node.meta[_SCOPE] = _common_scope(near)
+            continue
+        if id(sources) not in common:  # these lists live until the end: their ids stay theirs
+            common[id(sources)] = _common_scope(sources)
+        node.meta[_SCOPE] = dict(common[id(sources)])
+
+
+def _first_input(node: Node) -> Node | None:
+    """The value an op works on: its ``input`` keyword (canonical ops) or its first node argument."""
+    first = node.kwargs.get("input", node.args[0] if node.args else None)
+    return first if isinstance(first, Node) else None
+
+
+def _built_before(node: Node, made: set[Node]) -> Node | None:
+    """The node a created node was inserted in front of (the first node after it that is not new)."""
+    after = node.next
+    while after in made:
+        after = after.next
+    return after if after.op != "root" else None
+
+
+def _common_scope(nodes: list[Node]) -> dict:
+    scopes = [n.meta.get(_SCOPE) or {} for n in nodes]
+    common = list(scopes[0].items()) if scopes else []
+    for scope in scopes[1:]:
+        keys = list(scope)
+        length = 0
+        while length < min(len(common), len(keys)) and common[length][0] == keys[length]:
+            length += 1
+        common = common[:length]
+    return dict(common)
 
 
 _VERSION_SUFFIX = re.compile(r"(?:_\d+)+$")
