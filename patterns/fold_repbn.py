@@ -9,10 +9,18 @@ a * x + c with a = gamma / sqrt(var + eps) + alpha and c = beta - gamma * mean /
 * forwards into the Linears that read it: W' = W diag(a), b' = b + W c;
 * backwards into the Linear that writes x: W' = a[:, None] W, b' = a b + c. When x has other
   readers they get x = (RepBN(x) - c) / a back, refused when a has a zero channel.
+
+Unified Normalization (Yang et al., CVPR 2022) normalizes token features with statistics fixed at
+inference: (x - mu) / sqrt(var + eps) * gamma + beta over the last dim, mu and var stored (its
+training smooths them over iterations). Written out elementwise, it is recognized as x minus a
+constant per-feature vector, then one or more multiplications or divisions by constants, then
+optionally a constant added: the same per-channel affine a * x + c, folded the same way. Scales
+that are not finite (var + eps <= 0, a zero divisor) are refused.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -21,16 +29,19 @@ import torch.nn as nn
 from hypothesis import strategies as st
 from torch.fx import Node
 
-from fxopt.ops import ADD, BATCH_NORM, LINEAR, MUL, SUB
+from fxopt.interpret import run_nodes
+from fxopt.ops import ADD, BATCH_NORM, LINEAR, MUL, SUB, layout_op
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.patterns.fold_bn import bn_affine
+from fxopt.patterns.fold_constants import constant_closure
 from fxopt.patterns.fold_norm_affine import affine_consumers, consumer_nodes, fold_into_consumers
 from fxopt.rewriter import Rewriter, bias_name
 
 
 @dataclass(frozen=True)
 class TokenBNMatch:
-    """The nodes of a RepBN (or plain BatchNorm) on token features; ``output`` is its value.
+    """The nodes of a RepBN, a plain BatchNorm or a Unified Normalization on token features;
+    ``output`` is its value.
 
     ``alpha_dim``: the channel axis of the 3-D tensor alpha multiplies (1 when alpha * x is taken
     in the transposed (B, C, N) layout as SLAB writes it, 2 when on the tokens (B, N, C))."""
@@ -122,21 +133,27 @@ class RepBNIntoLinear(Pattern):
     """RepBN / token BatchNorm next to Linears: into its readers, else into its writer."""
 
     anchor = BATCH_NORM
+    what = "RepBN"
+
+    def analyse(self, node: Node, rw: Rewriter) -> tuple[TokenBNMatch, tuple[torch.Tensor, torch.Tensor] | Skip] | None:
+        """The normalization anchored at ``node`` and its per-channel affine (a, c), else None."""
+        found = find_token_bn(node, rw)
+        return None if found is None else (found, repbn_affine(found, rw))
 
     def match(self, node: Node, rw: Rewriter) -> Match | Skip | None:
-        found = find_token_bn(node, rw)
-        if found is None:
+        analysed = self.analyse(node, rw)
+        if analysed is None:
             return None
-        affine = repbn_affine(found, rw)
+        found, affine = analysed
         if isinstance(affine, Skip):
             return affine
-        consumers = affine_consumers(found.output, rw, f"RepBN {found.output.name}")
+        consumers = affine_consumers(found.output, rw, f"{self.what} {found.output.name}")
         if not isinstance(consumers, Skip):
-            return Match(found.output, {**found.nodes, **consumer_nodes(consumers)})
+            return Match(found.output, {**found.nodes, **consumer_nodes(consumers)}, facts=(found, affine, consumers))
         problem = self._writer_problem(found, affine[0], rw)
         if problem:
             return Skip(f"{consumers.reason}; and {problem}")
-        return Match(found.output, {**found.nodes, "writer": found.x})
+        return Match(found.output, {**found.nodes, "writer": found.x}, facts=(found, affine, None))
 
     @staticmethod
     def _writer_problem(found: TokenBNMatch, a: torch.Tensor, rw: Rewriter) -> str | None:
@@ -152,15 +169,13 @@ class RepBNIntoLinear(Pattern):
             zeros = torch.nonzero(a == 0).flatten().tolist()
             return (
                 f"Linear {x.name} has other readers, which would get its output back by dividing by the "
-                f"RepBN scale, and that scale is zero at channel(s) {zeros}"
+                f"normalization's scale, and that scale is zero at channel(s) {zeros}"
             )
         return None
 
     def rewrite(self, match: Match, rw: Rewriter) -> dict[Node, Node]:
-        found = find_token_bn(match.nodes["bn"], rw)
-        a, c = repbn_affine(found, rw)
-        consumers = affine_consumers(found.output, rw, found.output.name)  # the same choice as match
-        if not isinstance(consumers, Skip):
+        found, (a, c), consumers = match.facts
+        if consumers is not None:
             return fold_into_consumers(consumers, found.x, a, c, rw)
         return self._fold_into_writer(found, a, c, rw)
 
@@ -179,15 +194,130 @@ class RepBNIntoLinear(Pattern):
             folded = rw.call(LINEAR, input=linear.kwargs["input"], weight=weight, bias=bias)
             replacements = {found.output: folded}
             if any(user not in found.nodes.values() for user in linear.users):
-                shift = rw.new_constant(f"{weight_node.target}_repbn_shift", c.to(stored.dtype))
+                # x = (y - c) / a as -c / a + y / a: one kernel, and no (x - mu) / sigma chain that
+                # UnifiedNormIntoLinear would fold back into the Linear, forever
+                shift = rw.new_constant(f"{weight_node.target}_repbn_shift", (-c / a).to(stored.dtype))
                 scale = rw.new_constant(f"{weight_node.target}_repbn_scale", a.to(stored.dtype))
-                replacements[linear] = rw.call_function(operator.truediv, rw.call(SUB, a=folded, b=shift), scale)
+                replacements[linear] = rw.call_function(torch.addcdiv, shift, folded, scale)
         return replacements
 
 
 # ---------------------------------------------------------------------------------------------
-# instances: RepBN in SLAB's form, on tokens with a per-channel or Python alpha, or a plain token
-# BatchNorm; before Linears or after a Linear (whose output may have another reader)
+# Unified Normalization's inference form: (x - mu), scaled by constants, plus a constant
+
+
+def _is_division(node: Node) -> bool:
+    """a / b in any spelling (not floor or trunc division: those take a rounding_mode)."""
+    return layout_op(node) in ("truediv", "div", "true_divide", "__truediv__") and not node.kwargs
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One step of a fixed-statistics normalization: the previous value combined with a constant
+    (a Python number, or a tensor computed from constants alone by ``closure``)."""
+
+    node: Node
+    kind: str  # "sub", "mul", "div" or "add"
+    constant: Node | float
+    closure: tuple[Node, ...]
+
+
+def _per_feature(value: Node | float, features: int, rw: Rewriter) -> bool:
+    """A Python number, a one-element tensor or one value per feature (broadcast along the last dim)."""
+    if not isinstance(value, Node):
+        return True
+    shape = rw.shape(value)
+    return shape is not None and (math.prod(shape) == 1 or (shape[-1] == features and math.prod(shape) == features))
+
+
+def _step(node: Node, previous: Node, features: int, rw: Rewriter) -> _Step | None:
+    """``node`` as ``previous`` combined with a per-feature constant, else None."""
+    if not (SUB(node) or MUL(node) or ADD(node) or _is_division(node)) or len(node.args) != 2:
+        return None
+    kind = "sub" if SUB(node) else "mul" if MUL(node) else "add" if ADD(node) else "div"
+    first, second = node.args
+    constant = second if first is previous else first if second is previous and kind in ("mul", "add") else None
+    if isinstance(constant, (int, float)) and not isinstance(constant, bool):
+        return _Step(node, kind, float(constant), ())
+    closure = constant_closure(constant, rw) if isinstance(constant, Node) else None
+    if closure is None or not _per_feature(constant, features, rw):
+        return None
+    return _Step(node, kind, constant, tuple(closure))
+
+
+def find_fixed_statistics_norm(sub: Node, rw: Rewriter) -> tuple[TokenBNMatch, list[_Step]] | None:
+    """x - mu (mu a stored tensor), then one or more products or quotients by constants, then
+    optionally + a constant, all per feature of x's last dim; else None."""
+    x, mu = sub.args
+    if not (isinstance(x, Node) and isinstance(mu, Node) and len(sub.users) == 1) or not rw.reads_inputs(x):
+        return None
+    after = next(iter(sub.users))
+    if not (MUL(after) or _is_division(after)) or constant_closure(mu, rw) is None:
+        return None  # checked before asking for shapes, which may run the model once
+    shape = rw.shape(x)
+    if not shape:
+        return None
+    first = _step(sub, x, shape[-1], rw)
+    if first is None:
+        return None
+    steps = [first]
+    while steps[-1].kind != "add" and len(steps[-1].node.users) == 1:  # + beta ends it
+        step = _step(next(iter(steps[-1].node.users)), steps[-1].node, shape[-1], rw)
+        if step is None or step.kind == "sub":
+            break
+        steps.append(step)
+    if len(steps) == 1:
+        return None  # the scaling's constant varies or is not per feature
+    nodes = {step.node.name: step.node for step in steps}
+    nodes.update({n.name: n for step in steps for n in step.closure})
+    return TokenBNMatch(x, nodes, steps[-1].node), steps
+
+
+def fixed_statistics_affine(steps: list[_Step], features: int, rw: Rewriter) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+    """(a, c) in float64 with the chain's output = a * x + c per feature, or why not."""
+    a = torch.ones(features, dtype=torch.float64)
+    c = torch.zeros(features, dtype=torch.float64)
+    for step in steps:
+        if isinstance(step.constant, Node):
+            value = run_nodes(rw.gm, step.closure, {}, dtype=torch.float64)[step.constant].reshape(-1)
+        else:
+            value = torch.tensor([step.constant], dtype=torch.float64)
+        if step.kind == "sub":
+            c = c - value
+        elif step.kind == "add":
+            c = c + value
+        elif step.kind == "mul":
+            a, c = a * value, c * value
+        else:
+            a, c = a / value, c / value
+    bad = ~(torch.isfinite(a) & torch.isfinite(c))
+    if bool(bad.any()):
+        return Skip(
+            f"the normalization ending at {steps[-1].node.name} has a scale that is not finite at feature(s) "
+            f"{torch.nonzero(bad).flatten().tolist()[:8]} (a zero divisor, or var + eps <= 0): its statistics "
+            "are degenerate, so it cannot be folded"
+        )
+    return a, c
+
+
+class UnifiedNormIntoLinear(RepBNIntoLinear):
+    """Unified Normalization (fixed statistics) next to Linears, folded like RepBN."""
+
+    anchor = SUB
+    what = "normalization"
+
+    def analyse(self, node: Node, rw: Rewriter) -> tuple[TokenBNMatch, tuple[torch.Tensor, torch.Tensor] | Skip] | None:
+        found = find_fixed_statistics_norm(node, rw)
+        if found is None:
+            return None
+        norm, steps = found
+        return norm, fixed_statistics_affine(steps, rw.shape(norm.x)[-1], rw)
+
+
+# ---------------------------------------------------------------------------------------------
+# instances: RepBN in SLAB's form, on tokens with a per-channel or Python alpha, a plain token
+# BatchNorm, or Unified Normalization; before Linears or after a Linear (whose output may have
+# another reader)
 
 
 class RepBN(nn.Module):
@@ -218,11 +348,38 @@ class TokenBN(nn.Module):
         return y if self.kind == "none" else y + self.alpha * x
 
 
+class UnifiedNorm(nn.Module):
+    """Unified Normalization (Yang et al., CVPR 2022) over the features of (B, N, C) tokens.
+
+    Training normalizes with the batch's statistics and keeps running ones (the paper smooths
+    them over a window of iterations; an exponential average here); inference uses the stored
+    statistics, which makes it a fixed per-feature affine."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            dims = tuple(range(x.dim() - 1))
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var, self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
 def randomize_bn_stats(model: nn.Module, seed: int) -> nn.Module:
     """Random running statistics and affine, so the fold has something to fold."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm1d):
+        if isinstance(m, (nn.BatchNorm1d, UnifiedNorm)):
             with torch.no_grad():
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=g))
@@ -254,8 +411,8 @@ def fold_repbn_instances(draw) -> tuple[nn.Module, tuple]:
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     d = draw(st.integers(1, 10))
-    kind = draw(st.sampled_from(["slab", "per_channel", "python", "none"]))
-    norm = RepBN(d) if kind == "slab" else TokenBN(d, kind)
+    kind = draw(st.sampled_from(["slab", "per_channel", "python", "none", "unified"]))
+    norm = RepBN(d) if kind == "slab" else UnifiedNorm(d) if kind == "unified" else TokenBN(d, kind)
     where = draw(st.sampled_from(["before_linears", "after_linear", "after_linear_with_residual"]))
     model = randomize_bn_stats(_Placed(norm, d, where, draw(st.integers(1, 3))), seed)
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
@@ -266,8 +423,8 @@ def fold_repbn_instances(draw) -> tuple[nn.Module, tuple]:
 FOLD_REPBN = register(
     Pass(
         name="fold_repbn",
-        description="Fold SLAB's RepBN / a token BatchNorm (eval mode) into the adjacent Linear",
-        patterns=(RepBNIntoLinear(),),
+        description="Fold SLAB's RepBN / a token BatchNorm / Unified Normalization (eval mode) into the adjacent Linear",
+        patterns=(RepBNIntoLinear(), UnifiedNormIntoLinear()),
         instances=fold_repbn_instances,
     )
 )

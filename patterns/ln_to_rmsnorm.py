@@ -17,6 +17,7 @@ shared notes "LayerNorm -> RMSNorm" for the traps each precondition guards again
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -241,24 +242,33 @@ def _centred(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor - tensor.mean(dim, keepdim=True)
 
 
-def _recentred_writer(writer: Node, axis: int, rw: Rewriter) -> Node:
+def _written(tensor: torch.Tensor, dim: int, drop_last: bool) -> torch.Tensor:
+    """float64 ``tensor`` re-centred along ``dim``; without its last channel there when ``drop_last``
+    (Pre-CRMSNorm stores the zero-mean stream in its first d - 1 coordinates)."""
+    centred = _centred(tensor, dim)
+    return centred.narrow(dim, 0, centred.shape[dim] - 1) if drop_last else centred
+
+
+def recentred_writer(writer: Node, axis: int, rw: Rewriter, pass_name: str, drop_last: bool = False) -> Node:
+    """``writer`` of the stream (along ``axis``) rebuilt to write zero-mean vectors: a new node
+    (constant, embedding or projection). ``drop_last``: it writes the first d - 1 channels only."""
     if writer.op == "get_attr":
         value = rw.constant(writer)
-        _note_untied(writer, rw)
-        return rw.new_constant(writer.target, _centred(value.double(), axis).to(value.dtype))
+        _note_untied(writer, rw, pass_name)
+        return rw.new_constant(writer.target, _written(value.double(), axis, drop_last).to(value.dtype))
     if EMBEDDING(writer):
         weight = writer.kwargs["weight"]
         value = rw.constant(weight)
-        _note_untied(weight, rw)
-        new = rw.new_constant(weight.target, _centred(value.double(), 1).to(value.dtype))
+        _note_untied(weight, rw, pass_name)
+        new = rw.new_constant(weight.target, _written(value.double(), 1, drop_last).to(value.dtype))
         return rw.call(EMBEDDING, **{**writer.kwargs, "weight": new})
     scale = _layer_scale(writer, axis, rw)
     projection, gamma = scale if scale is not None else (writer, None)
     gamma_value = None if gamma is None else rw.constant(gamma).double().reshape(-1)
-    return _recentred_projection(projection, gamma_value, rw)
+    return _recentred_projection(projection, gamma_value, rw, pass_name, drop_last)
 
 
-def _recentred_projection(node: Node, gamma: torch.Tensor | None, rw: Rewriter) -> Node:
+def _recentred_projection(node: Node, gamma: torch.Tensor | None, rw: Rewriter, pass_name: str, drop_last: bool) -> Node:
     """Linear/addmm/conv with output channels scaled by LayerScale ``gamma`` first, then re-centred."""
     weight_key, bias_key, out_dim = ("weight", "bias", 0) if not ADDMM(node) else ("mat2", "input", 1)
     weight_node, bias_node = node.kwargs[weight_key], node.kwargs[bias_key]
@@ -270,22 +280,56 @@ def _recentred_projection(node: Node, gamma: torch.Tensor | None, rw: Rewriter) 
         shape = [1] * w.dim()
         shape[out_dim] = channels
         w, b = w * gamma.view(shape), b * gamma
-    _note_untied(weight_node, rw)
-    new_w = rw.new_constant(weight_node.target, _centred(w, out_dim).to(weight.dtype))
+    _note_untied(weight_node, rw, pass_name)
+    new_w = rw.new_constant(weight_node.target, _written(w, out_dim, drop_last).to(weight.dtype))
     bias_name = bias_node.target if bias_node is not None else f"{weight_node.target}_bias"
-    new_b = rw.new_constant(bias_name, (b - b.mean()).to(weight.dtype))
+    new_b = rw.new_constant(bias_name, _written(b, 0, drop_last).to(weight.dtype))
     op = LINEAR if LINEAR(node) else ADDMM if ADDMM(node) else CONV
     return rw.call(op, **{**node.kwargs, weight_key: new_w, bias_key: new_b})
 
 
-def _note_untied(weight: Node, rw: Rewriter) -> None:
+def _note_untied(weight: Node, rw: Rewriter, pass_name: str) -> None:
     if rw.shared(weight):
         value = rw.constant(weight)
         size = value.numel() * value.element_size()
         rw.note(
-            f"ln_to_rmsnorm untied {weight.target} {tuple(value.shape)}: the stream writer gets a re-centred copy, "
-            f"its other readers (e.g. a tied LM head) keep the original; +{size / 2**20:.2f} MiB"
+            f"{pass_name} untied {weight.target} {tuple(value.shape)}: the stream writer gets a re-centred copy, "
+            f"its other readers (e.g. a tied LM head) keep their own; +{size / 2**20:.2f} MiB"
         )
+
+
+def stream_nodes(stream: Stream, rw: Rewriter) -> dict[str, Node]:
+    """Every node a stream rewrite replaces, by name (for a Match): writers (with the projection of
+    a LayerScale writer), the stream's adds and layout ops, and its LayerNorm readers."""
+    nodes = {**stream.writers, **stream.nodes, **dict.fromkeys(stream.readers)}
+    for writer, axis in stream.writers.items():
+        scale = _layer_scale(writer, axis, rw) if MUL(writer) else None
+        if scale is not None:
+            nodes[scale[0]] = axis
+    return {n.name: n for n in nodes}
+
+
+def rebuilt_stream(
+    stream: Stream, rw: Rewriter, pass_name: str, drop_last: bool = False,
+    layout_args: Callable[[Node, int], tuple[tuple, dict]] | None = None,
+) -> dict[Node, Node]:
+    """The stream rebuilt zero-mean, in graph order: {old writer or stream node: new node}.
+
+    Each new node goes in front of the one it replaces. ``layout_args(node, axis)`` gives a layout
+    op's new (args, kwargs) before the inputs are mapped (default: unchanged); readers are left to
+    the caller."""
+    new: dict[Node, Node] = {}
+    order = {n: i for i, n in enumerate(rw.graph.nodes)}
+    for node in sorted({*stream.writers, *stream.nodes}, key=order.__getitem__):
+        with rw.inserting_before(node):
+            if node in stream.writers:
+                new[node] = recentred_writer(node, stream.writers[node], rw, pass_name, drop_last)
+                continue
+            args, kwargs = layout_args(node, stream.nodes[node]) if layout_args else (node.args, node.kwargs)
+            args, kwargs = map_arg((args, kwargs), lambda a: new.get(a, a))
+            build = rw.call_function if node.op == "call_function" else rw.call_method
+            new[node] = build(node.target, *args, **kwargs)
+    return new
 
 
 class PreLNStream(Pattern):
@@ -297,36 +341,18 @@ class PreLNStream(Pattern):
         stream = find_stream(node, rw)
         if isinstance(stream, Skip):
             return stream
-        nodes = {**stream.writers, **stream.nodes, **dict.fromkeys(stream.readers)}
-        for writer, axis in stream.writers.items():  # a folded LayerScale's projection goes too
-            scale = _layer_scale(writer, axis, rw) if MUL(writer) else None
-            if scale is not None:
-                nodes[scale[0]] = axis
-        return Match(node, {n.name: n for n in nodes})
+        return Match(node, stream_nodes(stream, rw))
 
     def rewrite(self, match: Match, rw: Rewriter) -> dict[Node, Node]:
         stream = find_stream(match.root, rw)
-        new: dict[Node, Node] = {}
-        for node in sorted({*stream.writers, *stream.nodes, *stream.readers}, key=_position(rw)):
-            with rw.inserting_before(node):
-                if node in stream.writers:
-                    new[node] = _recentred_writer(node, stream.writers[node], rw)
-                elif node in stream.nodes:
-                    args = map_arg(node.args, lambda a: new.get(a, a))
-                    kwargs = map_arg(node.kwargs, lambda a: new.get(a, a))
-                    build = rw.call_function if node.op == "call_function" else rw.call_method
-                    new[node] = build(node.target, *args, **kwargs)
-                else:
-                    k = node.kwargs
-                    new[node] = rw.call(ZERO_MEAN_RMS_NORM, input=new[k["input"]], normalized_shape=k["normalized_shape"],
-                                        weight=k["weight"], bias=k["bias"], eps=k["eps"])
-        return {reader: new[reader] for reader in stream.readers}
-
-
-def _position(rw: Rewriter):
-    order = {n: i for i, n in enumerate(rw.graph.nodes)}
-    return lambda n: order[n]
-
+        new = rebuilt_stream(stream, rw, "ln_to_rmsnorm")
+        replacements: dict[Node, Node] = {}
+        for reader in stream.readers:
+            k = reader.kwargs
+            with rw.inserting_before(reader):
+                replacements[reader] = rw.call(ZERO_MEAN_RMS_NORM, input=new[k["input"]], normalized_shape=k["normalized_shape"],
+                                               weight=k["weight"], bias=k["bias"], eps=k["eps"])
+        return replacements
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,26 +378,32 @@ class _Block(nn.Module):
 
 
 class _TinyPreLN(nn.Module):
-    def __init__(self, d: int, depth: int, vocab: int | None, layer_scale: bool, bias: bool):
+    """``pooled``: the head reads the final norm's token mean, not the norm itself (a non-Linear reader)."""
+
+    def __init__(self, d: int, depth: int, vocab: int | None, layer_scale: bool, bias: bool, pooled: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, d) if vocab else nn.Linear(3, d)
         self.pos = nn.Parameter(torch.randn(d))
         self.blocks = nn.Sequential(*[_Block(d, layer_scale, bias) for _ in range(depth)])
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, 5)
+        self.pooled = pooled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.blocks(self.embed(x) + self.pos)))
+        h = self.norm(self.blocks(self.embed(x) + self.pos))
+        return self.head(h.mean(1) if self.pooled else h)
 
 
 @st.composite
-def ln_to_rmsnorm_instances(draw) -> tuple[nn.Module, tuple]:
-    """A Pre-LN stack fed by token ids or features, with or without LayerScale and biases."""
+def ln_to_rmsnorm_instances(draw, pooled_heads: bool = False) -> tuple[nn.Module, tuple]:
+    """A Pre-LN stack fed by token ids or features, with or without LayerScale and biases;
+    ``pooled_heads``: some heads read the final norm through a token mean."""
     torch.manual_seed(draw(st.integers(0, 2**16)))
     d, depth = draw(st.integers(2, 12)), draw(st.integers(1, 3))
     vocab = draw(st.sampled_from([None, 7]))
     # always LayerScale: check_pass sees a pass fire by its op count, which only the folded multiply changes
-    model = _TinyPreLN(d, depth, vocab, True, draw(st.booleans()))
+    pooled = draw(st.booleans()) if pooled_heads else False
+    model = _TinyPreLN(d, depth, vocab, True, draw(st.booleans()), pooled)
     with torch.no_grad():  # random norm affines, so gamma and beta matter
         for m in model.modules():
             if isinstance(m, nn.LayerNorm) and m.weight is not None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 import fxopt
 from fxopt.ops import BATCH_NORM, LAYER_NORM, RMS_NORM
 from fxopt.patterns.fold_norm_affine import fold_norm_affine_instances
-from fxopt.patterns.fold_repbn import RepBN, TokenBN, fold_repbn_instances, randomize_bn_stats
+from fxopt.patterns.fold_repbn import RepBN, TokenBN, UnifiedNorm, fold_repbn_instances, randomize_bn_stats
 
 
 def optimize(model: nn.Module, inputs: tuple, pass_name: str, **kwargs) -> torch.fx.GraphModule:
@@ -249,3 +249,122 @@ def test_skip_when_alpha_is_not_per_channel():
     result = optimize(model, (torch.randn(2, 3, 4),), "fold_repbn")
     assert applied(result) == 0
     assert any("neither a scalar nor per-channel" in r for r in skip_reasons(result)), skip_reasons(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# fold_repbn: Unified Normalization (Yang et al., CVPR 2022) at inference
+
+
+class UN1d(nn.Module):
+    """Unified Normalization written as UN implementations often write it: statistics smoothed over
+    a window of iterations in training, fixed at inference, spelled with rsqrt and gamma first."""
+
+    def __init__(self, d: int, eps: float = 1e-6, window: int = 4):
+        super().__init__()
+        self.eps, self.window = eps, window
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+        self.register_buffer("running_mean", torch.zeros(d))
+        self.register_buffer("running_var", torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean, var = x.mean((0, 1)), x.var((0, 1), unbiased=False)
+            with torch.no_grad():  # a geometric-style running update
+                self.running_mean.mul_(1 - 1 / self.window).add_(mean / self.window)
+                self.running_var.mul_(1 - 1 / self.window).add_(var / self.window)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return self.weight * (x - mean) * torch.rsqrt(var + self.eps) + self.bias
+
+
+def random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (UN1d, UnifiedNorm)):
+            with torch.no_grad():
+                n = m.weight.numel()
+                m.running_mean.copy_(torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.1)
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g))
+    return model
+
+
+class UNBlock(nn.Module):
+    """A transformer block with UN in place of both LayerNorms; ``shape_check`` adds Python control
+    flow on a shape, which symbolic_trace cannot follow (so capture falls back to torch.export)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, shape_check: bool = False):
+        super().__init__()
+        self.heads, self.shape_check = heads, shape_check
+        self.norm1, self.norm2 = UN1d(d), UN1d(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shape_check and x.dim() != 3:
+            raise ValueError("expected (batch, tokens, features)")
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+@pytest.mark.parametrize("shape_check", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_unified_norm_block_folds_every_norm(shape_check):
+    torch.manual_seed(0)
+    model = random_statistics(nn.Sequential(UNBlock(shape_check=shape_check), UNBlock())).eval()
+    x = (torch.randn(2, 6, 16),)
+    result = optimize(model, x, "fold_repbn")
+    assert result.report.frontend == ("torch.export" if shape_check else "torch.fx.symbolic_trace")
+    assert applied(result) == 4, str(result.report)
+    assert not any("running_mean" in name or "running_var" in name for name in result.state_dict())
+    assert fxopt.verify(model, result, x).passed
+
+
+def test_unified_norm_with_a_zero_divisor_is_refused():
+    model = random_statistics(nn.Sequential(UN1d(4, eps=0.0), nn.Linear(4, 2))).eval()
+    with torch.no_grad():
+        model[0].running_var[2] = 0.0  # rsqrt(0 + 0) = inf
+    result = optimize(model, (torch.randn(2, 3, 4),), "fold_repbn")
+    assert applied(result) == 0
+    assert any("not finite at feature(s) [2]" in r for r in skip_reasons(result)), skip_reasons(result)
+
+
+def test_unified_norm_with_a_zero_scale_keeps_the_residual_reader():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.norm = nn.Linear(4, 4), UnifiedNorm(4)
+
+        def forward(self, x):
+            h = self.linear(x)
+            return h + self.norm(h)
+
+    model = random_statistics(Residual()).eval()
+    with torch.no_grad():
+        model.norm.weight[1] = 0.0
+    result = optimize(model, (torch.randn(2, 3, 4),), "fold_repbn")
+    assert applied(result) == 0
+    assert any("scale is zero at channel(s) [1]" in r for r in skip_reasons(result)), skip_reasons(result)
+    with torch.no_grad():
+        model.norm.weight[1] = 0.5  # h comes back as (y - c) / a
+    result = optimize(model, (torch.randn(2, 3, 4),), "fold_repbn")
+    assert applied(result) == 1 and fxopt.verify(model, result, (torch.randn(2, 3, 4),)).passed
+
+
+def test_unified_norm_in_training_mode_and_image_normalization_are_left_alone():
+    class Normalized(nn.Module):  # per-channel image normalization before a conv: not token features
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.rand(3, 1, 1))
+            self.register_buffer("std", torch.rand(3, 1, 1) + 0.5)
+            self.conv, self.linear = nn.Conv2d(3, 4, 1), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.linear(self.conv((x - self.mean) / self.std))
+
+    for model, x in ((nn.Sequential(UN1d(4), nn.Linear(4, 2)).train(), torch.randn(2, 3, 4)),
+                     (Normalized().eval(), torch.randn(2, 3, 5, 5))):
+        result = optimize(model, (x,), "fold_repbn", verify=False)
+        assert applied(result) == 0 and not skip_reasons(result), str(result.report)

@@ -92,6 +92,104 @@ def test_not_in_the_default_pipeline():
 
 
 # ---------------------------------------------------------------------------------------------
+# ln_to_crmsnorm: the zero-mean stream stored in d - 1 channels
+
+
+def _assert_compressed(model: torch.nn.Module, inputs: tuple) -> GraphModule:
+    """Converted: one stream rewrite, every norm a CRMSNorm absorbed by the Linears that read it, equivalent."""
+    result = fxopt.optimize(model, inputs, passes=["ln_to_crmsnorm"])
+    stats = result.report.passes[0]
+    assert stats.applied == 1 and not stats.skipped and not stats.rolled_back, str(result.report)
+    assert not _norm_inputs(result, inputs) and "norm" not in str(list(result.state_dict())), result.code
+    assert fxopt.verify(model, result, inputs, examples=5).passed
+    return result
+
+
+def test_check_pass_ln_to_crmsnorm():
+    assert check_pass("ln_to_crmsnorm", max_examples=10).instances == 10
+
+
+def test_crmsnorm_vit_stream_is_compressed():
+    torch.manual_seed(0)
+    model = ViT(layer_scale=True).eval()
+    # norm1's reader also reads its shape (b, t, d = x.shape); the final norm reaches the head through [:, 0]
+    weights = _assert_compressed(model, (torch.randn(2, 3, 8, 8),)).state_dict()
+    assert weights["patch.weight"].shape[0] == 31 and weights["cls_token"].shape[-1] == 31
+    assert weights["blocks.0.attn.proj.weight"].shape[0] == 31 and weights["blocks.1.fc2.bias"].shape == (31,)
+    assert weights["blocks.0.attn.qkv.weight"].shape == (96, 31) and weights["head.weight"].shape == (10, 31)
+
+
+def test_crmsnorm_tied_head_gets_its_own_compressed_weight():
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    result = _assert_compressed(model, (torch.randint(0, 50, (2, 6)),))
+    assert any("untied embed.weight" in note for note in result.report.notes)
+    assert any("own copy of embed.weight" in note for note in result.report.notes)
+    tables = [w for w in result.state_dict().values() if w.shape == (50, 31)]  # the embedding's and the head's
+    centred = model.embed.weight - model.embed.weight.mean(1, keepdim=True)
+    assert len(tables) == 2 and sum(torch.allclose(t, centred[:, :31], atol=1e-6) for t in tables) == 1
+
+
+class _OneBlock(torch.nn.Module):
+    """A one-block Pre-LN model; ``runtime_view`` reshapes the block's update to a hidden size read
+    from a weight's shape at run time; ``relu`` puts one between norm1 and its Linear; ``direct``
+    makes the branch a single Linear (norm1 -> Linear -> stream); ``norm_out`` returns the final
+    norm's output, with no head."""
+
+    def __init__(self, d: int, runtime_view: bool = False, relu: bool = False, direct: bool = False,
+                 norm_out: bool = False):
+        super().__init__()
+        self.embed, self.pos = torch.nn.Embedding(7, d), torch.nn.Parameter(torch.randn(d))
+        self.norm1, self.fc, self.proj = torch.nn.LayerNorm(d), torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+        self.mix = torch.nn.Linear(d, d)
+        self.norm2, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, 3)
+        self.runtime_view, self.relu, self.direct, self.norm_out = runtime_view, relu, direct, norm_out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) + self.pos
+        normalized = self.norm1(h)
+        if self.direct:
+            update = self.mix(normalized)
+        else:
+            update = self.proj(F.gelu(self.fc(normalized.relu() if self.relu else normalized)))
+        if self.runtime_view:
+            update = update.view(ids.shape[0], ids.shape[1], self.proj.weight.shape[0])
+        out = self.norm2(h + update)
+        return out if self.norm_out else self.head(out)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (_OneBlock(1), "hidden size is 1"),
+        (_OneBlock(4, runtime_view=True), "takes the hidden size from getitem"),
+        # where a norm has a reader that is not a Linear, the stream would be decompressed: not exact in float
+        (_OneBlock(4, relu=True), "output is read by relu"),
+        (_OneBlock(4, norm_out=True), "read by the model output"),
+        (_OneBlock(4, direct=True), "writes back into it directly"),
+    ],
+    ids=["one_channel", "runtime_hidden_size", "norm_read_by_relu", "norm_is_the_output", "linear_reads_and_writes"],
+)
+def test_crmsnorm_skips_with_the_reason(model, reason):
+    result = fxopt.optimize(model.eval(), (torch.randint(0, 7, (2, 3)),), passes=["ln_to_crmsnorm"])
+    reasons = " ".join(r for _, r in result.report.passes[0].skipped)
+    assert result.report.passes[0].applied == 0 and reason in reasons, reasons
+
+
+def test_crmsnorm_one_block_is_converted_and_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    model, ids = _OneBlock(6).eval(), torch.randint(0, 7, (2, 3))
+    result = _assert_compressed(model, (ids,))
+    compiled = torch.compile(result, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    with torch.no_grad():
+        assert torch.equal(compiled(ids), result(ids))
+
+
+def test_crmsnorm_is_not_in_the_default_pipeline():
+    assert "ln_to_crmsnorm" not in [p.name for p in fxopt.pattern.default_passes()]
+
+
+# ---------------------------------------------------------------------------------------------
 # HF transformers models from tiny configs, random weights, no downloads
 
 transformers = pytest.importorskip("transformers")
@@ -133,3 +231,25 @@ def test_hf_bert_post_ln_is_skipped():
     # only the embedding sum (read by the embedding LayerNorm alone) may be converted; the encoder is not
     assert result.report.passes[0].applied <= 1
     assert result.report.verification.passed
+
+
+def test_hf_gpt2_crmsnorm():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, use_cache=False)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    # block norms reach their Conv1D (addmm) through a view; ln_f reaches the tied head through view and alias
+    weights = _assert_compressed(model, _ids()).state_dict()
+    assert weights["transformer.h.0.attn.c_attn.weight"].shape == (31, 96)
+    assert weights["transformer.h.1.mlp.c_proj.weight"].shape == (128, 31)
+    assert weights["transformer.wpe.weight"].shape == (16, 31)
+
+
+def test_hf_bert_crmsnorm_is_skipped():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                     intermediate_size=64, vocab_size=50, max_position_embeddings=16)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    result = fxopt.optimize(model, _ids(), passes=["ln_to_crmsnorm"])
+    reasons = " ".join(reason for _, reason in result.report.passes[0].skipped)
+    assert result.report.passes[0].applied == 0
+    assert "Post-LN" in reasons and "decompressed there" in reasons  # the embedding LayerNorm feeds the encoder
