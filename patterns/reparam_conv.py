@@ -448,20 +448,28 @@ def _merged_subset(traced: list[Traced | Skip], rw: Rewriter) -> tuple[list[Trac
         branches = [t.branch or _identity(_channels(x, rw), rank) for t in group]
         found = _largest_mergeable(group, branches)
         if not isinstance(found, Skip):
-            return _unless_costlier(*found)
+            return _unless_costlier(*found, rw)
         first_skip = first_skip or found
     return first_skip
 
 
-def _unless_costlier(group: list[Traced], merged: Branch, left_out: list[str]) -> tuple | Skip:
-    """The merge, unless the one conv does more multiply-adds than the branches it replaces
-    (a dense 1x1 beside a depthwise 7x7 would become a dense 7x7)."""
+def _unless_costlier(group: list[Traced], merged: Branch, left_out: list[str], rw: Rewriter) -> tuple | Skip:
+    """The merge, unless the one conv does more multiply-adds than the branches it replaces (a dense
+    1x1 beside a depthwise 7x7 would become a dense 7x7), or stores a bigger kernel than all of
+    theirs (a 1x1 conv beside a 3x3 average pool: the pool's window becomes stored weights)."""
     before = sum(t.cost for t in group)
     after = merged.macs_per_output() / math.prod(merged.stride)
     if after > before:
         return Skip(
             f"merging these branches gives one conv with {after:.0f} multiply-adds per output pixel, more than "
             f"the {before:.0f} of the branches (e.g. a dense 1x1 beside a depthwise conv): exact, but slower"
+        )
+    stored = sum(rw.constant(a).numel() for t in group for n in t.nodes for a in n.all_input_nodes
+                 if rw.constant(a) is not None and a not in t.nodes)
+    if merged.weight.numel() > stored:
+        return Skip(
+            f"merging these branches stores a {tuple(merged.weight.shape)} kernel ({merged.weight.numel()} "
+            f"numbers) where they store {stored}: parameter-free branches (pooling, identity) would become weights"
         )
     return group, merged, left_out
 

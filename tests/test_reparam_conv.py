@@ -187,6 +187,16 @@ def test_a_merge_that_would_cost_more_is_skipped() -> None:
     assert conv_calls(result) == 2 and result.report.verification.passed, result.report
 
 
+def test_a_merge_that_would_store_more_is_skipped() -> None:
+    """A 1x1 conv beside a 3x3 average pool on one channel: fewer multiply-adds merged, but the pool's
+    window would become 9 stored weights where the model stores 1 (found by benchmarks/fuzz.py)."""
+    model = _Sum(nn.Conv2d(1, 1, 1, bias=False), nn.AvgPool2d(3, 1, 1)).eval()
+    result = fxopt.optimize(model, (torch.randn(2, 1, 8, 8),), passes=["reparam_conv"])
+    reparam = result.report.passes[0]
+    assert reparam.applied == 0 and any("stores a" in r for _, r in reparam.skipped), result.report
+    assert result.report.verification.passed, result.report
+
+
 # ---------------------------------------------------------------------------------------------
 # average pooling branches of any rank
 
