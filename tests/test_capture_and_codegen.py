@@ -188,8 +188,10 @@ def test_bound_container_paths_follow_dtype_changes_copies_and_reassignment():
 
     model, x = conv_bn().eval(), torch.randn(1, 3, 8, 8)
     result = fxopt.optimize(model, (x,))
-    wide = copy.deepcopy(result).double()
-    assert torch.allclose(wide(x.double()), model.double()(x.double()), atol=1e-10)
+    wide = copy.deepcopy(result).double()  # .double() must reach the tensors the bound paths read
+    out = wide(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), result(x))  # the same folded float32 numbers, widened
     replacement = copy.deepcopy(getattr(result, "0"))
     with torch.no_grad():
         replacement.weight.zero_()
