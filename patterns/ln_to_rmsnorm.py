@@ -26,19 +26,15 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch.fx import Node, map_arg
 
-from fxopt.ops import ADD, ADDMM, CONV, DROPOUT, EMBEDDING, IDENTITY, LAYER_NORM, LINEAR, MUL, ZERO_MEAN_RMS_NORM
+from fxopt.ops import (
+    ADD, ADDMM, CONV, DROPOUT, EMBEDDING, IDENTITY, LAYER_NORM, LINEAR, MUL, ZERO_MEAN_RMS_NORM, layout_op,
+)
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter
 
 # ops that move values without mixing a token's hidden channels (checked per kind below)
 _RESHAPES = {"view", "reshape", "_unsafe_view", "flatten"}
 _PASS_THROUGH = {"alias", "clone", "contiguous", "to"}
-def _name(node: Node) -> str:
-    """'view' for call_method view, aten.view.default, torch.view...: one name per layout op."""
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", "").split(".")[0]
-
-
 def _rank(node: Node, rw: Rewriter) -> int | None:
     shape = rw.shape(node)
     return None if shape is None else len(shape)
@@ -77,7 +73,7 @@ def _input_axis(node: Node, axis: int, rw: Rewriter) -> list[tuple[Node, int]] |
         return [(node.kwargs["input"], axis)]
     if node.op not in ("call_function", "call_method"):
         return None
-    name, source = _name(node), node.args[0] if node.args else None
+    name, source = layout_op(node), node.args[0] if node.args else None
     if name == "cat":
         tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if dim % len(out) == axis:
@@ -163,7 +159,7 @@ def _reader_problem(user: Node, value: Node, stream: Stream, rw: Rewriter) -> st
     if ADD(user) or _input_axis(user, _rank(user, rw) - 1, rw) is not None:
         return None
     return (
-        f"{user.name} ({_name(user) or user.op}) reads the residual stream and is not a LayerNorm over the "
+        f"{user.name} ({layout_op(user) or user.op}) reads the residual stream and is not a LayerNorm over the "
         "hidden dimension (a Post-LN model such as BERT, or a head on the raw stream)"
     )
 
@@ -229,7 +225,7 @@ def _writer_problem(writer: Node, axis: int, rw: Rewriter) -> str | None:
     if problem == "":
         if _layer_scale(writer, axis, rw) is not None:
             return None
-        return f"{writer.name} ({_name(writer) or writer.op}) writes into the residual stream and cannot be re-centred"
+        return f"{writer.name} ({layout_op(writer) or writer.op}) writes into the residual stream and cannot be re-centred"
     return problem
 
 
