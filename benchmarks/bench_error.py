@@ -11,7 +11,6 @@ goes past its dtype-aware bound).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path

@@ -21,7 +21,6 @@ that are not finite (var + eps <= 0, a zero divisor) are refused.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch

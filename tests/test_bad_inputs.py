@@ -14,7 +14,6 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
 from fuzz_models import snapshot, unchanged
