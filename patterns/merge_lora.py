@@ -609,6 +609,8 @@ def _candidate_inputs(terms: list[tuple[object, float]]) -> list[Node]:
                 source = _peel(_layer_input(node))
                 if isinstance(source, Node):
                     seen.add(source)
+                if isinstance(_layer_input(node), Node):  # in case x's rows differ from the layer's (a flatten)
+                    seen.add(_layer_input(node))
                 stack.append(_layer_input(node))
             elif MUL(node) or ADD(node) or SUB(node):
                 stack.extend(node.args)
@@ -709,7 +711,7 @@ def _plan_on(
     region = _region(sums, affine, x, analysis.weight_only)
     layers = [n for n in dict.fromkeys(analysis.layers) if n in region]
     base = _base_layer(layers, merged, rw)
-    if len(layers) < 2 or base is None:
+    if len(layers) < 2 or base is None or not _rows_kept(root, x, base, rw):
         return None
     skip = _check(root, base, region, rw)
     if skip is not None:
@@ -723,6 +725,17 @@ def _plan_on(
                 "its delta is not block-diagonal, so it has no grouped-conv form"
             )
     return Plan(root, x, base, weight, merged.bias, others, region, analysis.weight_only)
+
+
+def _rows_kept(root: Node, x: Node, base: Node, rw: Rewriter) -> bool:
+    """Whether one linear layer on ``x`` has the sum's rows: x reached through a reshape of the rows
+    (a flatten of (N, 1, F) to (N, F)) would give the merged layer other rows than the sum."""
+    if CONV(base):
+        return True
+    shape_x, shape_root = rw.shape(x), rw.shape(root)
+    if shape_x is None or shape_root is None:
+        return True  # without shapes x was not reached through a reshape (_passes_through reads them)
+    return tuple(shape_x[:-1]) == tuple(shape_root[:-1])
 
 
 def _tied_plans(plan: Plan, rw: Rewriter) -> list[Plan] | Skip:

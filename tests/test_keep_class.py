@@ -271,11 +271,6 @@ def test_hf_gpt2_after_ln_to_rmsnorm_still_generates():
     assert torch.equal(_generate(result, ids[:1]), _generate(model, ids[:1]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known restore bug, found by running the fuzzer with keep_class=True: merge_lora rebuilds the reshape "
-    "in front of the merged Linear and it is stamped with the LoRA wrapper's scope, so restore decides the "
-    "Flatten module 'vanished' (nn.Identity) and the kept model returns (2, 1, 1) instead of (2, 1); "
-    "verify=True catches it and falls back to the generated module, verify=False returns the wrong model"))
 def test_a_reshape_rebuilt_by_a_merge_stays_in_its_module() -> None:
     from tests.fuzz_models import Act, Chain, Flatten, LoRALinear, Stack
 
