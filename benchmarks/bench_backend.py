@@ -10,7 +10,6 @@ adapters (adapter merging). All under torch.no_grad(), latencies interleaved (A,
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
@@ -25,6 +24,8 @@ from fxopt.examples import resnet50
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from reparam_blocks import Net, RepVGGBlock, randomise_bn  # noqa: E402
+
+from bench_reparam import interleaved_medians  # noqa: E402  (one timing loop for the suite)
 
 
 class LoRAMLP(nn.Module):
@@ -52,19 +53,6 @@ def models(batch: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "ResNet-50 width 16 (BatchNorm folding)": (resnet50(width=16), torch.randn(batch, 3, 96, 96)),
         "MLP + LoRA r=16 (adapter merging)": (LoRAMLP().eval(), torch.randn(batch * 64, 512)),
     }
-
-
-def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each fn, running them in turn (A, B, C, A, B, C, ...) after a warm-up."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def compiled(model: nn.Module, x: torch.Tensor, backend: str, freezing: bool = False) -> tuple[Callable, float]:
