@@ -83,7 +83,7 @@ def bisect(
         log: list[Culprit] = []
         budgeted = [_budgeted_pass(p, log, budget) for p in selected]
         result = optimize(
-            model, example_inputs, passes=budgeted, verify=False,
+            model, example_inputs, passes=budgeted, verify=False, keep_class=False,  # the passes are bisected
             leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
         )
         return log, verify(model, result, example_inputs, examples=examples, seed=seed)

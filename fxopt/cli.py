@@ -204,7 +204,7 @@ def _optimize(args: argparse.Namespace) -> int:
     _status(f"optimizing {args.spec} ({'passes ' + ', '.join(args.passes) if args.passes else 'default passes'}), "
             "validating every rewrite ...")
     start = time.perf_counter()
-    result = fxopt.optimize(model, example_inputs, passes=args.passes)
+    result = fxopt.optimize(model, example_inputs, passes=args.passes, keep_class=False)  # saved as source
     print(result.report)
     _status(f"optimize took {time.perf_counter() - start:.1f} s")
     passed = result.report.verification.passed

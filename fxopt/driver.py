@@ -32,7 +32,7 @@ def optimize(
     inplace: bool = False,
     leaf_modules: Iterable[LeafSpec] = (),
     autowrap_functions: Iterable[Callable] = (),
-    keep_class: bool = False,
+    keep_class: bool = True,
 ) -> torch.nn.Module:
     """Return a module that computes what ``model`` computes, cheaper.
 
@@ -49,12 +49,13 @@ def optimize(
     rewrite is still validated before it is committed). ``leaf_modules`` (types or
     qualified names) and ``autowrap_functions`` are kept opaque by tracing.
 
-    The result is a generated ``GraphModule``; with ``keep_class=True`` it is a copy of ``model``, of
-    its own class, with the submodules the passes rewrote swapped in (each one a copy holding its new
-    parameters, ``nn.Identity``, a plain ``nn.ConvNd``/``nn.Linear``, or a generated module), so its
-    other methods (``generate()``, ``forward_features()``) and attributes keep working. Where a rewrite
-    crosses the model's own forward() (it changes operations of the model itself), the result is the
-    generated module and ``report.kept_class.fallback`` says which module and why.
+    The result is a copy of ``model``, of its own class, with the submodules the passes rewrote
+    swapped in (each one a copy holding its new parameters, ``nn.Identity``, a plain
+    ``nn.ConvNd``/``nn.Linear``, or a generated module), so its other methods (``generate()``,
+    ``forward_features()``) and attributes keep working. Where a rewrite crosses the model's own
+    forward() (it changes operations of the model itself), the result is the generated module and
+    ``report.kept_class.fallback`` says which module and why. ``keep_class=False`` always returns
+    the generated ``GraphModule`` (what ``fxopt.save`` writes as source).
     The result carries ``.report`` (an :class:`fxopt.Report`).
     """
     if not isinstance(example_inputs, tuple):
@@ -124,7 +125,11 @@ def _kept_class(
     inplace: bool, report: Report,
 ) -> torch.nn.Module | None:
     """The user's class with the rewritten submodules swapped in (None: why not is in the report)."""
-    kept = keep_class_of(model, before, gm, captured, rewriter.committed_attributes, inplace)
+    try:
+        kept = keep_class_of(model, before, gm, captured, rewriter.committed_attributes, inplace)
+    except Exception as error:  # noqa: BLE001 - a bug in keeping the class must not lose the optimized model
+        kept = (f"keeping the class failed ({type(error).__name__}: {error}); the generated module computes the "
+                "same; please report this with the model")
     if not isinstance(kept, Kept):
         report.kept_class = KeptClass(fallback=kept)
         return None

@@ -331,7 +331,8 @@ class _Level:
             children = sorted({self.r.path(p) for a in n0.all_input_nodes
                                if (p := self._place0(a)) not in (_OWN, _ATTR, _INPUT, None)})
             of = f" of the outputs of {', '.join(children)}" if children else ""
-            where = "" if place1 == _OWN else f" in submodule {self.r.path(place1)}" if place1 else " outside it"
+            where = ("" if place1 == _OWN else f" in submodule {self.r.path(place1)}"
+                     if place1 not in (None, _INPUT, _ATTR) else " outside it")
             raise _Mismatch(
                 f"{self.who}: its forward() computes {_describe(n0)}{of}, but the optimized graph has "
                 f"{_describe(n1)}{where} there: a rewrite changed operations of {self.who.split(' (')[0]} itself"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import inspect
 import types
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch.fx import GraphModule
 from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
+from . import runtime
 from .errors import SaveError
 
 _LOADER = '''
@@ -81,7 +83,10 @@ def load(directory):
 def save(module: GraphModule, directory: str | Path) -> Path:
     """Write ``module`` (an fxopt result) to ``directory`` as module.py + weights.safetensors."""
     if not isinstance(module, GraphModule):
-        raise SaveError(f"fxopt.save takes the GraphModule that fxopt.optimize returns, got {type(module).__name__}")
+        raise SaveError(
+            f"fxopt.save writes a generated module as source, got {type(module).__name__}: optimize with "
+            "keep_class=False to get one (the user's own class is saved the way the user saves it, e.g. its state_dict)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     class_name = type(module).__name__
@@ -129,6 +134,8 @@ def _global_imports(globals_: dict[str, Any]) -> list[str]:
             lines.append(f"{name} = float({name!r})")
         elif isinstance(obj, type) and obj.__module__ == "torch" or obj is torch.device:
             lines.append(f"{name} = torch.{obj.__name__}")
+        elif getattr(obj, "__module__", None) == runtime.__name__:
+            lines += ["", inspect.getsource(obj).rstrip("\n"), f"{name} = {obj.__name__}", ""]
         else:
             qualified = _get_qualified_name(obj)
             top = qualified.split(".")[0]

@@ -282,14 +282,22 @@ def test_dynamic_batch_traced_result_is_batch_generic():
 
 
 def test_dynamic_batch_exported_result_is_specialised_and_says_so():
-    """torch.export specialises shapes: the report says so, and another batch fails loudly (not silently)."""
+    """torch.export specialises shapes: the report says so, and another batch fails the generated
+    module loudly (not silently); the default result, the model's own class with its conv and
+    BatchNorm folded into one nn.Conv2d, runs the model's own shape branch on any batch."""
     model = randomized(ShapeBranch()).eval()
     before = snapshot(model)
-    result = fxopt.optimize(model, (_x(),))
-    assert result.report.frontend == "torch.export"
-    assert any("shapes are specialised to the example inputs" in note for note in result.report.notes)
+    generated = fxopt.optimize(model, (_x(),), keep_class=False)
+    assert generated.report.frontend == "torch.export"
+    assert any("shapes are specialised to the example inputs" in note for note in generated.report.notes)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        result(_x(3, 3, 8, 8))
+        generated(_x(3, 3, 8, 8))
+    kept = fxopt.optimize(model, (_x(),))
+    assert type(kept) is ShapeBranch and isinstance(kept.bn, nn.Identity), kept.report
+    for batch in (3, 1):
+        x = _x(batch, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(kept(x), model(x), rtol=1e-4, atol=1e-4)
     assert unchanged(model, before) is None
 
 
@@ -299,7 +307,7 @@ def test_dynamic_batch_exported_result_is_specialised_and_says_so():
 
 @pytest.fixture
 def saved(tmp_path):
-    result = fxopt.optimize(conv_bn(), (_x(),))
+    result = fxopt.optimize(conv_bn(), (_x(),), keep_class=False)  # save writes a generated module
     fxopt.save(result, tmp_path)
     return result, tmp_path
 

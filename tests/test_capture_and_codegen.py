@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.examples import randomize_batch_norms
+from tests.generated import optimize_to_graph
 
 
 def conv_bn(x_channels: int = 3) -> nn.Module:
@@ -57,14 +58,14 @@ class NotTraceable(nn.Module):
 @pytest.mark.parametrize("model_cls", [FunctionalSpelling, TorchSpelling])
 def test_every_spelling_is_folded(model_cls):
     model, x = model_cls().eval(), torch.randn(2, 3, 6, 6)
-    result = fxopt.optimize(model, (x,), passes=["fold_bn"])
+    result = optimize_to_graph(model, (x,), passes=["fold_bn"])
     assert result.report.passes[0].applied == 1
     assert result.report.verification.passed
 
 
 def test_exported_graph_aten_spelling_is_folded():
     model, x = NotTraceable().eval(), torch.ones(1, 3, 6, 6)
-    result = fxopt.optimize(model, (x,), passes=["fold_bn"])
+    result = optimize_to_graph(model, (x,), passes=["fold_bn"])
     assert result.report.frontend == "torch.export"
     assert result.report.passes[0].applied == 1
     assert torch.allclose(result(x), model(x), atol=1e-5)
@@ -77,21 +78,21 @@ def test_capture_error_quotes_both_frontends_and_says_what_to_do():
             return torch.randn(int(x.sum().item()) % 3 + 1) if x.numel() > 1 else x.tolist()
 
     with pytest.raises(fxopt.CaptureError) as error:
-        fxopt.optimize(Hopeless(), (torch.ones(2),))
+        optimize_to_graph(Hopeless(), (torch.ones(2),))
     text = str(error.value)
     assert "symbolic_trace" in text and "torch.export" in text and "leaf_modules" in text
 
 
 def test_unknown_pass_and_bad_example_inputs_are_explained():
     with pytest.raises(fxopt.UnknownPassError, match="fold_bn"):
-        fxopt.optimize(conv_bn().eval(), (torch.randn(1, 3, 4, 4),), passes=["fold_bnn"])
+        optimize_to_graph(conv_bn().eval(), (torch.randn(1, 3, 4, 4),), passes=["fold_bnn"])
     with pytest.raises(fxopt.InputError, match="tuple"):
-        fxopt.optimize(conv_bn().eval(), torch.randn(1, 3, 4, 4))
+        optimize_to_graph(conv_bn().eval(), torch.randn(1, 3, 4, 4))
 
 
 def test_report_table_lists_each_pass_with_counts_and_skip_reasons():
     model = conv_bn()  # training mode: fold_bn skips with its reason
-    result = fxopt.optimize(model, (torch.randn(2, 3, 4, 4),), passes=["fold_bn"], verify=False)
+    result = optimize_to_graph(model, (torch.randn(2, 3, 4, 4),), passes=["fold_bn"], verify=False)
     text = str(result.report)
     assert "fold_bn" in text and "training mode" in text and "symbolic_trace" in text
 
@@ -104,7 +105,7 @@ def test_list_passes_describes_each_pass():
 
 def test_result_works_with_torch_compile_and_export():
     model, x = conv_bn().eval(), torch.randn(1, 3, 8, 8)
-    result = fxopt.optimize(model, (x,))
+    result = optimize_to_graph(model, (x,))
     exported = torch.export.export(result, (x,))
     assert torch.allclose(exported.module()(x), result(x))
     compiled = torch.compile(result, backend="eager")
@@ -112,14 +113,21 @@ def test_result_works_with_torch_compile_and_export():
 
 
 def test_generated_code_is_readable_and_keeps_parameter_names():
-    result = fxopt.optimize(conv_bn().eval(), (torch.randn(1, 3, 8, 8),))
+    result = optimize_to_graph(conv_bn().eval(), (torch.randn(1, 3, 8, 8),))
     assert "conv2d" in result.code and "batch_norm" not in result.code
     assert sorted(result.state_dict()) == ["0.bias", "0.weight"]
 
 
-def test_save_load_round_trip_and_fresh_process_with_torch_only(tmp_path):
-    model, x = conv_bn().eval(), torch.randn(1, 3, 8, 8)
-    result = fxopt.optimize(model, (x,))
+def _pre_ln_vit() -> tuple[torch.nn.Module, torch.Tensor, list[str]]:
+    from tests.transformer_blocks import ViT
+
+    return ViT(depth=1).eval(), torch.randn(1, 3, 8, 8), ["ln_to_rmsnorm"]  # calls fxopt.runtime
+
+
+@pytest.mark.parametrize("build", [lambda: (conv_bn().eval(), torch.randn(1, 3, 8, 8), None), _pre_ln_vit])
+def test_save_load_round_trip_and_fresh_process_with_torch_only(tmp_path, build):
+    model, x, passes = build()
+    result = optimize_to_graph(model, (x,), passes=passes)
     fxopt.save(result, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["module.py", "weights.safetensors"]
     assert torch.equal(fxopt.load(tmp_path)(x), result(x))
@@ -142,7 +150,7 @@ def test_save_load_round_trip_and_fresh_process_with_torch_only(tmp_path):
 def test_load_refuses_weights_that_do_not_match_the_module(tmp_path):
     from safetensors.torch import save_file
 
-    fxopt.save(fxopt.optimize(conv_bn().eval(), (torch.randn(1, 3, 8, 8),)), tmp_path)
+    fxopt.save(optimize_to_graph(conv_bn().eval(), (torch.randn(1, 3, 8, 8),)), tmp_path)
     save_file({"0.weight": torch.zeros(4, 3, 3, 3), "0.bias": torch.zeros(5)}, str(tmp_path / "weights.safetensors"))
     with pytest.raises(fxopt.SaveError, match="does not match"):
         fxopt.load(tmp_path)
@@ -153,7 +161,7 @@ def test_hf_models_are_captured_with_export_when_symbolic_trace_fails():
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, use_cache=False)
     model = transformers.GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, 64, (1, 6))
-    result = fxopt.optimize(model, (ids,))
+    result = optimize_to_graph(model, (ids,))
     assert result.report.frontend == "torch.export"
     assert result.report.verification.passed
     assert torch.allclose(result(ids).logits, model(ids).logits, atol=1e-5)
@@ -187,7 +195,7 @@ def test_bound_container_paths_follow_dtype_changes_copies_and_reassignment():
     import copy
 
     model, x = conv_bn().eval(), torch.randn(1, 3, 8, 8)
-    result = fxopt.optimize(model, (x,))
+    result = optimize_to_graph(model, (x,))
     wide = copy.deepcopy(result).double()  # .double() must reach the tensors the bound paths read
     out = wide(x.double())
     assert out.dtype == torch.float64
@@ -217,7 +225,7 @@ class _CountsCalls(nn.Module):
 def test_buffer_updates_and_random_ops_on_buffers_are_kept() -> None:
     """fx's default tracer computes ops on buffers while tracing: the update would vanish and the
     noise be frozen into a constant. Capture proxies buffers, and dead-code elimination keeps writes."""
-    result = fxopt.optimize(_CountsCalls().eval(), (torch.randn(2, 3),), verify=False)
+    result = optimize_to_graph(_CountsCalls().eval(), (torch.randn(2, 3),), verify=False)
     targets = {n.target for n in result.graph.nodes}
     assert "add_" in targets and torch.bernoulli in targets, result.code
     x = torch.randn(2, 3)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 
 import fxopt
 from fxopt.patterns.fold_bn import FunctionalBN, fold_bn_instances
+from tests.generated import optimize_to_graph
 
 
 def batch_norms(module: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -33,7 +34,7 @@ def randomize_bn(model: nn.Module, *, var_scale: float = 1.0) -> nn.Module:
 
 
 def fold(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.fx.GraphModule:
-    return fxopt.optimize(model, (x,), passes=["fold_bn"], **kwargs)
+    return optimize_to_graph(model, (x,), passes=["fold_bn"], **kwargs)
 
 
 def skip_reasons(result: torch.fx.GraphModule) -> list[str]:
@@ -44,7 +45,7 @@ def skip_reasons(result: torch.fx.GraphModule) -> list[str]:
 @given(fold_bn_instances())
 def test_every_fold_variant_is_exact_and_fires(instance):
     model, inputs = instance
-    result = fxopt.optimize(model, inputs, passes=["fold_bn"], verify=False)
+    result = optimize_to_graph(model, inputs, passes=["fold_bn"], verify=False)
     assert not batch_norms(result), result.code
     verdict = fxopt.verify(model, result, inputs)
     assert verdict.passed, str(verdict)
@@ -87,7 +88,7 @@ def test_parameters_keep_their_names_and_the_fold_adds_a_bias():
 def test_optimize_leaves_the_users_model_bit_identical():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.2))).eval()
     before = copy.deepcopy(model.state_dict())
-    fxopt.optimize(model, (torch.randn(1, 3, 6, 6),))
+    optimize_to_graph(model, (torch.randn(1, 3, 6, 6),))
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -100,7 +101,7 @@ def test_inplace_writes_folded_weights_into_the_models_own_storage():
     reference = copy.deepcopy(model)
     storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     x = torch.randn(2, 3, 9, 9)
-    result = fxopt.optimize(model, (x,), passes=["fold_bn"], inplace=True)
+    result = optimize_to_graph(model, (x,), passes=["fold_bn"], inplace=True)
     weights = [t for name, t in result.state_dict().items() if name.endswith("weight")]
     assert len(weights) == 2 and all(w.untyped_storage().data_ptr() in storages for w in weights)
     assert not torch.equal(model[0].weight, reference[0].weight)  # consumed, as documented
@@ -114,7 +115,7 @@ def test_inplace_leaves_a_tied_weight_alone():
     model = randomize_bn(nn.Sequential(conv, nn.BatchNorm2d(4), conv)).eval()
     reference = copy.deepcopy(model)
     x = torch.randn(1, 4, 6, 6)
-    result = fxopt.optimize(model, (x,), passes=["fold_bn"], inplace=True)
+    result = optimize_to_graph(model, (x,), passes=["fold_bn"], inplace=True)
     assert torch.equal(model[0].weight, reference[0].weight)
     assert fxopt.verify(reference, result, (x,)).passed
 
@@ -213,8 +214,8 @@ def test_zero_running_variance_with_zero_eps_gives_the_same_infinities():
 
 def test_remove_noops_drops_eval_dropout_and_identity_but_not_training_dropout():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Identity()).eval()
-    result = fxopt.optimize(model, (torch.randn(2, 4),), passes=["remove_noops"])
+    result = optimize_to_graph(model, (torch.randn(2, 4),), passes=["remove_noops"])
     assert [n.op for n in result.graph.nodes].count("call_function") == 1
     training = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
-    result = fxopt.optimize(training, (torch.randn(2, 4),), passes=["remove_noops"], verify=False)
+    result = optimize_to_graph(training, (torch.randn(2, 4),), passes=["remove_noops"], verify=False)
     assert any("training mode" in r for r in skip_reasons(result))

@@ -211,6 +211,17 @@ def test_rewrite_across_the_models_own_forward_falls_back_with_the_reason():
     assert "returned a generated module instead of BranchesSummedByTheModel" in str(result.report)
 
 
+def test_a_failure_while_keeping_the_class_returns_the_generated_module_and_says_so(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(fxopt.driver, "keep_class_of", broken)
+    model, x = randomized_batch_norms(conv_bn(3, 4, 3, 1, 1)), torch.randn(1, 3, 6, 6)
+    result = fxopt.optimize(model, (x,))
+    assert isinstance(result, GraphModule) and result.report.verification.passed
+    assert "keeping the class failed (RuntimeError: simulated bug)" in str(result.report)
+
+
 def test_a_weight_read_through_another_modules_attribute_is_not_untied_behind_its_back():
     """TiedLM's head is F.linear(h, self.embed.weight): giving embed its re-centred weight would change
     what the kept forward() reads for the head, so the generated module is returned."""

@@ -14,6 +14,7 @@ from torch import nn
 
 import fxopt
 from fxopt.patterns.merge_lora import KronLinear, LoraConv, LoraLinear, merge_lora_instances
+from tests.generated import optimize_to_graph
 from tests.lora_models import (
     AxesAffineAdapter, LeakyAdapter, NolaLinear, PromotingAdapter, RandomScaleAdapter, ResidualAdapter,
     RowMixingAdapter, SmallCNN, TiedAdapters, TiedLayers,
@@ -28,7 +29,7 @@ def layer_count(gm: torch.fx.GraphModule) -> int:
 
 
 def merge(model: nn.Module, inputs: tuple, verify: bool = True) -> tuple[torch.fx.GraphModule, fxopt.PassReport]:
-    result = fxopt.optimize(model, inputs, passes=["remove_noops", "merge_lora"], verify=verify)
+    result = optimize_to_graph(model, inputs, passes=["remove_noops", "merge_lora"], verify=verify)
     return result, result.report.passes[-1]
 
 
@@ -61,7 +62,7 @@ def test_dora_merges_without_remove_noops_first() -> None:
     # layer's eval-mode dropout, which fold_constants counts as random; merge_lora alone must see through it
     model = randomized(LoraLinear(2, 2, [1], "scale_last", bias=False, dora=True))
     x = torch.randn(1, 2)
-    result = fxopt.optimize(model, (x,), passes=["merge_lora"])
+    result = optimize_to_graph(model, (x,), passes=["merge_lora"])
     report = result.report.passes[-1]
     assert report.applied == 1 and not report.skipped and not report.rolled_back
     assert layer_count(result) == 1
@@ -79,7 +80,7 @@ def test_adapters_built_from_bases_and_kronecker_factors_merge(build) -> None:
     torch.manual_seed(0)
     model = build().eval()
     x = torch.randn(2, 5, model.base.in_features)
-    result = fxopt.optimize(model, (x,), passes=["merge_lora"])
+    result = optimize_to_graph(model, (x,), passes=["merge_lora"])
     report = result.report.passes[-1]
     assert report.applied == 1 and not report.skipped and layer_count(result) == 1
     assert result.report.verification.passed
@@ -224,7 +225,7 @@ def test_peft_transformer(arch: str, variant: str) -> None:
     peft = _peft()
     base, targets, extra = _tiny(arch)
     ids = torch.randint(0, 100, (1, 8))
-    base_layers = layer_count(fxopt.optimize(copy.deepcopy(base).eval(), (ids,), passes=[], verify=False))
+    base_layers = layer_count(optimize_to_graph(copy.deepcopy(base).eval(), (ids,), passes=[], verify=False))
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, lora_dropout=0.1,
                              use_rslora=variant == "rslora", use_dora=variant == "dora", **extra)
     model = peft.get_peft_model(base, config).eval()
@@ -257,7 +258,7 @@ def test_peft_weight_built_adapters(arch: str, variant: str) -> None:
     peft = _peft()
     base, targets, extra = _tiny(arch)
     ids = torch.randint(0, 100, (1, 8))
-    base_layers = layer_count(fxopt.optimize(copy.deepcopy(base).eval(), (ids,), passes=[], verify=False))
+    base_layers = layer_count(optimize_to_graph(copy.deepcopy(base).eval(), (ids,), passes=[], verify=False))
     model = peft.get_peft_model(base, _weight_built_config(peft, variant, targets, extra)).eval()
     with torch.no_grad():  # PEFT starts some factors at zero (VeRA's lambda_b): make every adapter matter
         for p in model.parameters():
@@ -266,7 +267,7 @@ def test_peft_weight_built_adapters(arch: str, variant: str) -> None:
         with model.disable_adapter():
             base_logits = model(ids).logits
         assert not torch.allclose(model(ids).logits, base_logits, rtol=1e-3, atol=1e-3)
-    result = fxopt.optimize(model, (ids,), passes=["merge_lora"])
+    result = optimize_to_graph(model, (ids,), passes=["merge_lora"])
     report = result.report.passes[-1]
     assert report.applied == 8 and not report.skipped and not report.rolled_back
     assert layer_count(result) == base_layers
@@ -294,7 +295,7 @@ def test_peft_several_adapters_and_lora_bias_merge_together() -> None:
     peft = _peft()
     base, targets, extra = _tiny("gpt2")
     ids = torch.randint(0, 100, (1, 8))
-    base_layers = layer_count(fxopt.optimize(copy.deepcopy(base).eval(), (ids,), passes=[], verify=False))
+    base_layers = layer_count(optimize_to_graph(copy.deepcopy(base).eval(), (ids,), passes=[], verify=False))
     first = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **extra)
     second = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False, lora_bias=True,
                              use_rslora=True, **extra)

@@ -9,16 +9,18 @@ from torch.fx import GraphModule, Interpreter
 
 import fxopt
 from fxopt.equivalence import check_pass
+from fxopt.runtime import zero_mean_rms_norm
+from tests.generated import optimize_to_graph
 from tests.transformer_blocks import TiedLM, ViT
 
 
 def _norm_inputs(result: GraphModule, inputs: tuple) -> list[torch.Tensor]:
-    """The value reaching every F.layer_norm of the result (codegen emits RMSNorms as that kernel)."""
+    """The value reaching every RMSNorm codegen emitted (fxopt.runtime.zero_mean_rms_norm)."""
     seen: list[torch.Tensor] = []
 
     class Recorder(Interpreter):
         def call_function(self, target, args, kwargs):
-            if target is F.layer_norm:
+            if target is zero_mean_rms_norm:
                 seen.append(args[0])
             return super().call_function(target, args, kwargs)
 
@@ -29,7 +31,7 @@ def _norm_inputs(result: GraphModule, inputs: tuple) -> list[torch.Tensor]:
 
 def _assert_converted(model: torch.nn.Module, inputs: tuple, norms: int) -> GraphModule:
     """Converted: one stream rewrite, every norm an RMSNorm (its input zero-mean), equivalent."""
-    result = fxopt.optimize(model, inputs, passes=["ln_to_rmsnorm"])
+    result = optimize_to_graph(model, inputs, passes=["ln_to_rmsnorm"])
     stats = result.report.passes[0]
     assert stats.applied == 1 and not stats.skipped and not stats.rolled_back, str(result.report)
     seen = _norm_inputs(result, inputs)
@@ -41,7 +43,7 @@ def _assert_converted(model: torch.nn.Module, inputs: tuple, norms: int) -> Grap
 
 
 def _skip_reasons(model: torch.nn.Module, inputs: tuple) -> str:
-    result = fxopt.optimize(model, inputs, passes=["ln_to_rmsnorm"])
+    result = optimize_to_graph(model, inputs, passes=["ln_to_rmsnorm"])
     return " ".join(reason for _, reason in result.report.passes[0].skipped)
 
 
@@ -54,6 +56,24 @@ def test_vit_with_layer_scale_and_cls_token():
     model = ViT(layer_scale=True).eval()
     result = _assert_converted(model, (torch.randn(2, 3, 8, 8),), norms=5)
     assert "mul" not in result.code  # LayerScale folded into the output projections
+
+
+def test_eager_runs_the_layernorm_kernel_and_compiled_graphs_hold_only_rmsnorm():
+    """On the zero-mean stream both kernels are the RMSNorm: eager torch's LayerNorm is the faster,
+    inductor's fused RMSNorm is (fxopt.runtime); a compiled graph must not compute the mean."""
+    torch.manual_seed(0)
+    model, x = ViT(layer_scale=False, depth=2).eval(), torch.randn(2, 3, 8, 8)
+    result = _assert_converted(model, (x,), norms=5)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(result, backend=keep_graph, fullgraph=True)
+    assert fxopt.verify(model, compiled, (x,)).passed
+    called = [getattr(n.target, "__name__", "") for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert called.count("rms_norm") == 5 and "layer_norm" not in called, called
 
 
 def test_layer_scale_is_folded_before_recentring():
@@ -97,7 +117,7 @@ def test_not_in_the_default_pipeline():
 
 def _assert_compressed(model: torch.nn.Module, inputs: tuple) -> GraphModule:
     """Converted: one stream rewrite, every norm a CRMSNorm absorbed by the Linears that read it, equivalent."""
-    result = fxopt.optimize(model, inputs, passes=["ln_to_crmsnorm"])
+    result = optimize_to_graph(model, inputs, passes=["ln_to_crmsnorm"])
     stats = result.report.passes[0]
     assert stats.applied == 1 and not stats.skipped and not stats.rolled_back, str(result.report)
     assert not _norm_inputs(result, inputs) and "norm" not in str(list(result.state_dict())), result.code
@@ -171,7 +191,7 @@ class _OneBlock(torch.nn.Module):
     ids=["one_channel", "runtime_hidden_size", "norm_read_by_relu", "norm_is_the_output", "linear_reads_and_writes"],
 )
 def test_crmsnorm_skips_with_the_reason(model, reason):
-    result = fxopt.optimize(model.eval(), (torch.randint(0, 7, (2, 3)),), passes=["ln_to_crmsnorm"])
+    result = optimize_to_graph(model.eval(), (torch.randint(0, 7, (2, 3)),), passes=["ln_to_crmsnorm"])
     reasons = " ".join(r for _, r in result.report.passes[0].skipped)
     assert result.report.passes[0].applied == 0 and reason in reasons, reasons
 
@@ -225,7 +245,7 @@ def test_hf_bert_post_ln_is_skipped():
     config = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                      intermediate_size=64, vocab_size=50, max_position_embeddings=16)
     model = transformers.BertModel(config, add_pooling_layer=False).eval()
-    result = fxopt.optimize(model, _ids(), passes=["ln_to_rmsnorm"])
+    result = optimize_to_graph(model, _ids(), passes=["ln_to_rmsnorm"])
     reasons = " ".join(reason for _, reason in result.report.passes[0].skipped)
     assert "Post-LN" in reasons
     # only the embedding sum (read by the embedding LayerNorm alone) may be converted; the encoder is not
@@ -249,7 +269,7 @@ def test_hf_bert_crmsnorm_is_skipped():
     config = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                      intermediate_size=64, vocab_size=50, max_position_embeddings=16)
     model = transformers.BertModel(config, add_pooling_layer=False).eval()
-    result = fxopt.optimize(model, _ids(), passes=["ln_to_crmsnorm"])
+    result = optimize_to_graph(model, _ids(), passes=["ln_to_crmsnorm"])
     reasons = " ".join(reason for _, reason in result.report.passes[0].skipped)
     assert result.report.passes[0].applied == 0
     assert "Post-LN" in reasons and "decompressed there" in reasons  # the embedding LayerNorm feeds the encoder

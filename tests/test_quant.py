@@ -24,6 +24,7 @@ import fxopt
 from fxopt import quant
 from fxopt.interpret import run_graph
 from fxopt.patterns.reparam_quant import per_tensor_parameters
+from tests.generated import optimize_to_graph
 
 from quant_models import tiny_vit
 
@@ -181,8 +182,8 @@ def test_reparameterized_vit_saves_and_loads_in_a_fresh_process_with_torch_only(
     x = torch.randn(3, 3, 8, 8, generator=g, dtype=F64)
     calibrated = quant.calibrate(tiny_vit(seed=bits), (x,), data, bits=bits)
     results = {  # log2 attention from reparam_quant, and log-sqrt(2) ones kept as calibrated
-        "reparameterized": fxopt.optimize(calibrated, (x,), passes=["reparam_quant"], verify=False),
-        "calibrated": fxopt.optimize(calibrated, (x,), passes=[], verify=False),
+        "reparameterized": optimize_to_graph(calibrated, (x,), passes=["reparam_quant"], verify=False),
+        "calibrated": optimize_to_graph(calibrated, (x,), passes=[], verify=False),
     }
     assert torch.equal(results["calibrated"](x), calibrated(x))  # the lowered log-sqrt(2) quantizers
     torch.save(x, tmp_path / "x.pt")
@@ -233,7 +234,7 @@ def test_calibrated_vit_reparameterizes_with_identical_codes(bits: int) -> None:
     assert [n.target for n, _ in before] == [torch.fake_quantize_per_channel_affine] * 5  # 2 per block + final
     assert sum(isinstance(m, quant.LogSqrt2Quantizer) for m in calibrated.modules()) == 2
 
-    result = fxopt.optimize(calibrated, (x,), passes=["reparam_quant"])  # float64: validation is meaningful
+    result = optimize_to_graph(calibrated, (x,), passes=["reparam_quant"])  # float64: validation is meaningful
     stats = result.report.passes[0]
     assert (stats.applied, stats.skipped, stats.rolled_back) == (7, [], [])
     assert result.report.verification.passed
@@ -258,7 +259,7 @@ def test_a_float32_rewrite_notes_that_boundary_codes_can_move() -> None:
     model = tiny_vit(seed=0, dtype=torch.float32)
     x = torch.randn(2, 3, 8, 8)
     calibrated = quant.calibrate(model, (x,), [x], bits=8)
-    result = fxopt.optimize(calibrated, (x,), passes=["reparam_quant"], verify=False)
+    result = optimize_to_graph(calibrated, (x,), passes=["reparam_quant"], verify=False)
     assert result.report.passes[0].applied == 7
     (note,) = [n for n in result.report.notes if "reparam_quant" in n]
     assert "rounding boundaries" in note and "float64" in note
@@ -310,7 +311,7 @@ def test_torch_ao_fake_quantize_modules_are_recognized() -> None:
     model.fq(model.norm(x * 3))  # observe a range
     model.fq.disable_observer()
     model.eval()
-    result = fxopt.optimize(model, (x,), passes=["reparam_quant"], verify=False)
+    result = optimize_to_graph(model, (x,), passes=["reparam_quant"], verify=False)
     assert result.report.passes[0].applied == 1
     traced = torch.fx.symbolic_trace(model)
     (_, before), = _uniform_codes(traced, (x,))
@@ -333,7 +334,7 @@ class _QuantizedLayerNormIntoGelu(nn.Module):
 
 
 def test_a_consumer_that_is_not_a_linear_is_skipped_with_a_reason() -> None:
-    result = fxopt.optimize(_QuantizedLayerNormIntoGelu().eval(), (torch.randn(3, 4),), passes=["reparam_quant"])
+    result = optimize_to_graph(_QuantizedLayerNormIntoGelu().eval(), (torch.randn(3, 4),), passes=["reparam_quant"])
     (_, reason), = result.report.passes[0].skipped
     assert "gelu" in reason and "not a Linear" in reason
 
@@ -357,7 +358,7 @@ def _smoothed(norm: nn.Module, passes: list, zero_column: bool = True) -> tuple[
     from fxopt.patterns.smooth_quant import NormIntoLinears
 
     model = NormIntoLinears(norm, 6, 2, zero_column=zero_column, generator=torch.Generator().manual_seed(0)).eval()
-    result = fxopt.optimize(model, (torch.randn(2, 4, 6),), passes=passes)
+    result = optimize_to_graph(model, (torch.randn(2, 4, 6),), passes=passes)
     assert result.report.passes[-1].applied == 1 and result.report.verification.passed
     return model, result
 
@@ -404,9 +405,9 @@ class _OnePlusWeightRMSNorm(nn.Module):
 
 def test_smooth_quant_refuses_a_one_plus_weight_rmsnorm_until_it_is_folded() -> None:
     model, x = _OnePlusWeightRMSNorm().eval(), torch.randn(3, 4)
-    result = fxopt.optimize(model, (x,), passes=["smooth_quant"])
+    result = optimize_to_graph(model, (x,), passes=["smooth_quant"])
     (_, reason), = result.report.passes[0].skipped
     assert "(1 + w)" in reason
     # fold_constants makes (1 + w) one constant weight, which smooth_quant then rescales
-    folded = fxopt.optimize(model, (x,), passes=["fold_constants", "smooth_quant"])
+    folded = optimize_to_graph(model, (x,), passes=["fold_constants", "smooth_quant"])
     assert folded.report.passes[1].applied == 1 and folded.report.verification.passed

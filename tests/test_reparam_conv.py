@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 
 import fxopt
 from fxopt.pattern import get_pass
+from tests.generated import optimize_to_graph
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reparam_blocks import (  # noqa: E402
@@ -39,7 +40,7 @@ def check_family(net: Net, x: torch.Tensor, passes: list[str] = PASSES) -> fxopt
     net = randomise_bn(net)
     deploy = net.deploy()
     assert fxopt.verify(net, deploy, (x,)).passed, "the hand-written reparameterize() itself is wrong"
-    result = fxopt.optimize(net, (x,), passes=passes)
+    result = optimize_to_graph(net, (x,), passes=passes)
     assert fxopt.verify(net, result, (x,)).passed, result.report
     assert conv_calls(result) == module_convs(deploy), (result.code, result.report)
     return result.report
@@ -130,7 +131,7 @@ class _PadThreeSides(_PadWith):
 def test_border_writes_become_one_pad_per_channel(pad: type, canonical: bool) -> None:
     """Zero padding then a write into every border strip is one pure op; other writes stay as written."""
     torch.manual_seed(15)
-    result = fxopt.optimize(_Chain(pad(4), nn.ReLU()), (torch.randn(1, 4, 5, 5),), passes=[])
+    result = optimize_to_graph(_Chain(pad(4), nn.ReLU()), (torch.randn(1, 4, 5, 5),), passes=[])
     assert result.report.verification.passed, result.report
     # the canonical op is lowered to a torch.where over the padded input (saved code is torch only)
     assert any(n.target is torch.where for n in result.graph.nodes) == canonical, result.code
@@ -146,7 +147,7 @@ def test_value_padding_that_is_not_the_bias_is_skipped(chain: str, reason: str) 
     torch.manual_seed(11)
     head = [_conv(1, bias=True), BNAndPad(1, 4)] if chain.startswith("biased") else [_PadWith(4)]
     model = randomise_bn(_Sum(_conv(3, 1, 1), _Chain(*head, _conv(3))))
-    result = fxopt.optimize(model, (torch.randn(1, 4, 7, 7),), passes=PASSES)
+    result = optimize_to_graph(model, (torch.randn(1, 4, 7, 7),), passes=PASSES)
     reparam = result.report.passes[-1]
     assert any(reason in r for _, r in reparam.skipped), result.report
     assert reparam.applied == 0 and result.report.verification.passed, result.report
@@ -168,7 +169,7 @@ def _conv_bn(k: int, p: int) -> nn.Sequential:
 def test_partial_merge_keeps_the_odd_summand(odd, convs: int, note: str | None) -> None:
     torch.manual_seed(12)
     model = randomise_bn(_Sum(_conv_bn(3, 1), odd(), _conv_bn(1, 0), nn.BatchNorm2d(4)))
-    result = fxopt.optimize(model, (torch.randn(2, 4, 8, 8),), passes=["reparam_conv"])
+    result = optimize_to_graph(model, (torch.randn(2, 4, 8, 8),), passes=["reparam_conv"])
     assert result.report.verification.passed, result.report
     assert result.report.passes[0].applied == 1, result.report
     assert conv_calls(result) == convs, result.code
@@ -181,7 +182,7 @@ def test_a_merge_that_would_cost_more_is_skipped() -> None:
     torch.manual_seed(16)
     depthwise = nn.Conv2d(8, 8, 7, padding=3, groups=8)
     model = _Sum(depthwise, nn.Conv2d(8, 8, 1)).eval()
-    result = fxopt.optimize(model, (torch.randn(1, 8, 9, 9),), passes=["reparam_conv"])
+    result = optimize_to_graph(model, (torch.randn(1, 8, 9, 9),), passes=["reparam_conv"])
     reparam = result.report.passes[0]
     assert reparam.applied == 0 and any("more than" in r for _, r in reparam.skipped), result.report
     assert conv_calls(result) == 2 and result.report.verification.passed, result.report
@@ -191,7 +192,7 @@ def test_a_merge_that_would_store_more_is_skipped() -> None:
     """A 1x1 conv beside a 3x3 average pool on one channel: fewer multiply-adds merged, but the pool's
     window would become 9 stored weights where the model stores 1 (found by benchmarks/fuzz.py)."""
     model = _Sum(nn.Conv2d(1, 1, 1, bias=False), nn.AvgPool2d(3, 1, 1)).eval()
-    result = fxopt.optimize(model, (torch.randn(2, 1, 8, 8),), passes=["reparam_conv"])
+    result = optimize_to_graph(model, (torch.randn(2, 1, 8, 8),), passes=["reparam_conv"])
     reparam = result.report.passes[0]
     assert reparam.applied == 0 and any("stores a" in r for _, r in reparam.skipped), result.report
     assert result.report.verification.passed, result.report
@@ -224,7 +225,7 @@ def test_avg_pool_branch_of_any_rank(rank: int) -> None:
     pool = nn.Sequential(nn.AvgPool1d(3, 2, 1), bn(4)) if rank == 1 else nn.Sequential(_FunctionalPool3d(), bn(4))
     model = _randomised_bn(_Sum(nn.Sequential(conv(4, 4, 3, 2, 1, bias=False), bn(4)), pool, conv(4, 4, 1, 2)))
     x = torch.randn(2, 4, *(7,) * rank)
-    result = fxopt.optimize(model, (x,), passes=["reparam_conv"])
+    result = optimize_to_graph(model, (x,), passes=["reparam_conv"])
     assert result.report.verification.passed, result.report
     assert conv_calls(result) == 1 and not any("pool" in str(n.target) for n in result.graph.nodes), result.code
 
@@ -250,7 +251,7 @@ def test_deconv(sum_weights: bool) -> None:
     net = Net(DEConv(4, sum_weights), DEConv(4, sum_weights))
     x = torch.randn(1, 4, 9, 9)
     report = check_family(net, x)
-    result = fxopt.optimize(net, (x,), passes=PASSES)
+    result = optimize_to_graph(net, (x,), passes=PASSES)
     deploy_params = sum(p.numel() for p in net.deploy().parameters())
     assert sum(p.numel() for p in result.parameters()) == deploy_params, report
 
@@ -259,7 +260,7 @@ def test_default_pipeline_reparameterizes() -> None:
     torch.manual_seed(9)
     net = randomise_bn(Net(RepVGGBlock(3, 6, stride=2), MobileOneBlock(6, 6)))
     x = torch.randn(1, 3, 8, 8)
-    result = fxopt.optimize(net, (x,))
+    result = optimize_to_graph(net, (x,))
     assert result.report.verification.passed
     assert conv_calls(result) == 2
 
@@ -274,7 +275,7 @@ PROPERTY = settings(max_examples=25, deadline=None, database=None, suppress_heal
 @given(get_pass("reparam_conv").instances())
 def test_reparam_instances_merge_to_one_conv(instance) -> None:
     model, inputs = instance
-    result = fxopt.optimize(model, inputs, passes=["reparam_conv"])
+    result = optimize_to_graph(model, inputs, passes=["reparam_conv"])
     assert result.report.verification.passed, result.report
     assert conv_calls(result) == 1, (result.code, result.report)
 
@@ -283,7 +284,7 @@ def test_reparam_instances_merge_to_one_conv(instance) -> None:
 @given(get_pass("fold_constants").instances())
 def test_fold_constants_instances(instance) -> None:
     model, inputs = instance
-    result = fxopt.optimize(model, inputs, passes=["fold_constants"])
+    result = optimize_to_graph(model, inputs, passes=["fold_constants"])
     assert result.report.verification.passed, result.report
     assert result.report.passes[0].applied >= 1, result.report
 
@@ -312,12 +313,12 @@ class _Counter(nn.Module):
 
 
 def test_fold_constants_keeps_random_ops() -> None:
-    result = fxopt.optimize(_Noisy(), (torch.randn(2, 3),), passes=["fold_constants"], verify=False)
+    result = optimize_to_graph(_Noisy(), (torch.randn(2, 3),), passes=["fold_constants"], verify=False)
     assert any(n.target is torch.randn_like for n in result.graph.nodes)
 
 
 def test_fold_constants_keeps_computation_on_mutated_buffers() -> None:
-    result = fxopt.optimize(_Counter(), (torch.randn(2, 3),), passes=["fold_constants"], verify=False)
+    result = optimize_to_graph(_Counter(), (torch.randn(2, 3),), passes=["fold_constants"], verify=False)
     assert result.report.passes[0].applied == 0
 
 
@@ -339,7 +340,7 @@ class _Broadcast(nn.Module):
 
 @pytest.mark.parametrize("how", ["expand", "repeat", "factory"])
 def test_fold_constants_refuses_to_grow_the_model(how: str) -> None:
-    result = fxopt.optimize(_Broadcast(how), (torch.randn(64, 64),), passes=["fold_constants"])
+    result = optimize_to_graph(_Broadcast(how), (torch.randn(64, 64),), passes=["fold_constants"])
     report = result.report.passes[0]
     assert report.applied == 0 and report.params_after == report.params_before, result.report
     assert any("folding would store 4,096 numbers" in r for _, r in report.skipped), result.report
@@ -358,7 +359,7 @@ class _ExpandedKernel(nn.Module):
 
 
 def test_fold_constants_folds_large_weights_a_conv_reads() -> None:
-    result = fxopt.optimize(_ExpandedKernel(), (torch.randn(1, 16, 6, 6),), passes=["fold_constants"])
+    result = optimize_to_graph(_ExpandedKernel(), (torch.randn(1, 16, 6, 6),), passes=["fold_constants"])
     assert result.report.passes[0].applied == 1, result.report
     assert not any(n.target == "expand" for n in result.graph.nodes), result.code
     assert result.report.verification.passed
@@ -416,7 +417,7 @@ def test_skip_reasons(reason: str) -> None:
         if isinstance(m, nn.BatchNorm2d) and reason == "training mode":
             m.train()
     x = torch.randn(1, 4, size, size)
-    result = fxopt.optimize(model, (x,), passes=["reparam_conv"])
+    result = optimize_to_graph(model, (x,), passes=["reparam_conv"])
     reasons = [r for _, r in result.report.passes[0].skipped]
     assert any(reason in r for r in reasons), reasons
     assert result.report.passes[0].applied == 0

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fxopt
+from tests.generated import optimize_to_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from scale_models import deep_residual, example, wide_branchy  # noqa: E402
@@ -25,7 +26,7 @@ def test_graphs_deeper_than_the_recursion_limit_optimize_and_verify(build, block
     sys.setrecursionlimit(1000)  # Python's default (imports may have raised it): a recursive walk fails
     try:
         assert len(torch.fx.symbolic_trace(model).graph.nodes) > sys.getrecursionlimit()
-        result = fxopt.optimize(model, inputs, verify=False)
+        result = optimize_to_graph(model, inputs, verify=False)
     finally:
         sys.setrecursionlimit(previous)
     by_pass = {p.name: p for p in result.report.passes}
