@@ -155,6 +155,46 @@ def test_batch_norm_statistics_updated_after_compile_are_seen(eager_inductor):
             torch.testing.assert_close(compiled(x), net(x))
 
 
+def test_a_parameter_replaced_by_a_new_tensor_is_folded_again(eager_inductor):
+    """Dynamo does not recompile for a new parameter tensor of the same shape: the backend sees it is another tensor."""
+    torch.manual_seed(0)
+    net, x = repvgg(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        compiled = torch.compile(net, backend="fxopt", options={"verify": False})
+        compiled(x)
+        conv = net.blocks[1].dense[0]
+        conv.weight = nn.Parameter(torch.randn_like(conv.weight))
+        with pytest.warns(FxoptBackendWarning, match="changed since it was folded"):
+            torch.testing.assert_close(compiled(x), net(x))
+
+
+def test_a_new_tensor_at_a_dead_folded_tensors_address_is_another_tensor():
+    """The check compares identity through weak references: id() alone would take the new tensor for the old."""
+    args = [torch.randn(2), torch.ones(3)]
+    snapshot = fxopt.backend._Snapshot.of(args, [1], statistics=set())
+    address = id(args[1])
+    args[1] = None
+    candidates = [torch.ones(3) for _ in range(100)]  # all kept alive, so each has its own address
+    args[1] = next((t for t in candidates if id(t) == address), None)
+    if args[1] is None:
+        pytest.skip("this Python did not reuse the freed tensor's address, the case under test")
+    assert snapshot.changed(args)
+
+
+def test_statistics_of_several_dtypes_and_shapes_are_compared_by_value():
+    """BatchNorm statistics are compared joined, one torch.cat per device and dtype (0-d ones stacked)."""
+    args = [torch.randn(4), torch.randn(3, dtype=torch.float64), torch.randn(5), torch.tensor(2.0), torch.randn(2, 2)]
+    snapshot = fxopt.backend._Snapshot.of(args, [0, 1, 2, 3, 4], statistics={1, 2, 3, 4})
+    assert not snapshot.changed(args)
+    for i in (1, 2, 3, 4):
+        statistic, folded = args[i], args[i].clone()
+        version = statistic._version
+        statistic.data.view(-1)[0] += 1  # through .data: unseen by the version counter, as a BatchNorm update is
+        assert statistic._version == version and snapshot.changed(args), i
+        statistic.data.copy_(folded)
+        assert not snapshot.changed(args), i
+
+
 def test_a_graph_that_switches_autocast_is_left_to_inductor(eager_inductor):
     class Autocasting(nn.Module):
         def __init__(self):
