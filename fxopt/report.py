@@ -40,7 +40,29 @@ class KeptClass:
             return [f"kept class: no, returned a generated module instead of {model}: {self.fallback}"]
         if not self.swapped:
             return [f"kept class: {model}, no submodule changed"]
-        return [f"kept class: {model}, with"] + [f"  {path or '(the model)'}: {what}" for path, what in self.swapped]
+        # one line per kind of swap (a ResNet-50 has 53 of each), naming a few of the submodules
+        kinds: dict[str, list[str]] = {}
+        for path, what in self.swapped:
+            kinds.setdefault(_without_arguments(what), []).append(path or "(the model)")
+        lines = [f"kept class: {model}, with {len(self.swapped)} submodules swapped (report.kept_class.swapped lists them)"]
+        for what, paths in kinds.items():
+            more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+            lines.append(f"  {', '.join(paths[:3])}{more}: {what}")
+        return lines
+
+
+def _without_arguments(what: str) -> str:
+    """``nn.Conv2d -> nn.Conv2d(64, 64, kernel_size=(3, 3))`` -> ``nn.Conv2d -> nn.Conv2d``."""
+    out, depth = [], 0
+    for i, char in enumerate(what):
+        opens_arguments = char == "(" and i > 0 and what[i - 1].isalnum()
+        if opens_arguments or (char == "(" and depth):
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(char)
+    return "".join(out)
 
 
 @dataclass
