@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from . import ops
-from .interpret import attribute, eliminate_dead_code, install_attributes
+from .interpret import attribute, eliminate_dead_code, install_attributes, release_erased_nodes
 from .ops import Op
 
 aten = torch.ops.aten
@@ -31,6 +31,7 @@ def canonicalize(gm: GraphModule) -> GraphModule:
     Afterwards ``gm`` holds the tensors and modules its graph reads in containers of its own, so
     rewrites never touch the captured model's modules (which are the user's)."""
     graph = gm.graph
+    release_erased_nodes(gm)  # for every stage that erases nodes from here on, until codegen
     for node in list(graph.nodes):
         canonical = _canonical_form(node, gm)
         if canonical is None:

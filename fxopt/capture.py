@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Proxy, Tracer
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
@@ -127,7 +128,9 @@ def capture(
     try:
         tracer = _LeafTracer(leaves, wrapped)
         graph = tracer.trace(model)
-        module = GraphModule(tracer.root, graph, type(model).__name__)
+        # compiled only if called: fxopt runs the working graph through an Interpreter, and compiling
+        # the code of a 10k-node graph takes ~60 MB for a moment and keeps a ~3 MB code object
+        module = _LazyGraphModule(tracer.root, graph, type(model).__name__)
         return Captured(module, "torch.fx.symbolic_trace", calls=tracer.calls)
     except Exception as error:  # noqa: BLE001 - any tracing failure sends us to the next frontend
         trace_error = error

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.utils import _pytree as pytree
 
 
@@ -44,12 +44,34 @@ def preserved_buffers(module: Any) -> Iterator[None]:
 class _Recorder(Interpreter):
     def __init__(self, gm: GraphModule, keep_values: bool = True):
         super().__init__(gm, garbage_collect_values=not keep_values)
+        # one record per distinct layout, shared by the nodes that have it (most of a deep graph's
+        # activations have a few shapes): a record is ~350 bytes
+        self._shared: dict[tuple, TensorMetadata] = {}
 
     def run_node(self, n: Node) -> Any:
         value = super().run_node(n)
         if isinstance(value, torch.Tensor):
-            n.meta["tensor_meta"] = _extract_tensor_metadata(value)
+            meta = _extract_tensor_metadata(value)
+            # quantized tensors' qparams may hold tensors: no key for those
+            n.meta["tensor_meta"] = meta if meta.is_quantized else self._shared.setdefault(tuple(meta[:6]), meta)
         return value
+
+
+def release_erased_nodes(gm: GraphModule) -> None:
+    """Let every node erased from ``gm``'s graph from now on be freed, with what its meta holds.
+
+    fx's Graph keeps each node it ever made in its name table (erasing leaves the entry), so erased
+    nodes would live as long as the graph, about 1 KB each: canonicalization and folding erase two
+    nodes for every one that remains."""
+    hooks = getattr(gm, "_erase_node_hooks", None)  # a private fx API (torch 2.13): without it, nothing is freed early
+    if hooks is not None and _release not in hooks:
+        gm._register_erase_node_hook(_release)
+
+
+def _release(node: Node) -> None:
+    """fx calls this as it erases ``node``: no one reads an erased node's name-table entry or meta."""
+    node.graph._graph_namespace._obj_to_name.pop(node, None)
+    node.meta = {}  # freed even where something still holds the node (a cache, a snapshot's map)
 
 
 def record_shapes(gm: GraphModule, example_inputs: tuple) -> None:
