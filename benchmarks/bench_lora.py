@@ -1,8 +1,8 @@
 """merge_lora vs PEFT's merge_and_unload on a GPT-2-small-shaped model with r=16 LoRA on attention and MLP.
 
 Merge time and peak memory are measured in a fresh process each (peak RSS above the RSS before merging),
-alternating PEFT, fxopt, fxopt inplace=True and fxopt with no pass (capture + codegen: the floor every fxopt
-pass pays) for --rounds rounds; medians, and the median of per-round ratios to PEFT. Latency of the unmerged,
+alternating PEFT, fxopt, fxopt inplace=True, fxopt with no pass (capture + codegen: the floor every fxopt
+pass pays) and torch.export alone (the capture: symbolic_trace cannot trace PEFT's layers) for --rounds rounds; medians, and the median of per-round ratios to PEFT. Latency of the unmerged,
 PEFT-merged and fxopt-merged models is measured side by side, alternating, medians.
 Run: python benchmarks/bench_lora.py [--rounds 3]
 """
@@ -42,6 +42,8 @@ def merge(model: torch.nn.Module, inputs: tuple, how: str) -> torch.nn.Module:
         warnings.simplefilter("ignore")
         if how == "peft":
             return model.merge_and_unload()
+        if how == "torch_export":  # the capture alone: symbolic_trace cannot trace PEFT's layers
+            return torch.export.export(model, inputs, strict=False)
         passes = [] if how == "fxopt_no_pass" else ["merge_lora"]
         return fxopt.optimize(model, inputs, passes=passes, verify=False, inplace=how == "fxopt_inplace")
 
@@ -87,7 +89,7 @@ def latencies(models: dict[str, torch.nn.Module], inputs: tuple) -> dict[str, fl
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-MERGES = ("peft", "fxopt", "fxopt_inplace", "fxopt_no_pass")
+MERGES = ("peft", "fxopt", "fxopt_inplace", "fxopt_no_pass", "torch_export")
 
 
 def merge_table(rounds: int) -> None:
@@ -108,7 +110,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the merge-cost processes")
     args = parser.parse_args()
     print(f"GPT-2-small shape, LoRA r=16 on c_attn/c_proj/c_fc, input (1, {SEQ}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; fxopt_no_pass = capture + codegen only")
+          f"{torch.get_num_threads()} threads; fxopt_no_pass = capture + codegen only; torch_export = capture only")
     merge_table(args.rounds)
     model, inputs = build()
     peft_merged = merge(copy.deepcopy(model), inputs, "peft")

@@ -226,20 +226,22 @@ class Rewriter:
             self._write_into_spare_storage(self.new_attributes)
         self.committed_attributes.update(self.new_attributes)
         self.notes += self._pending_notes
-        self.created, self.new_attributes, self._pending_notes = [], [], []
+        self.created, self.new_attributes, self._pending_notes, self._root = [], [], [], None  # transaction over
         self._version += 1
 
     def rollback(self) -> None:
         for node in reversed(self.created):
+            self._forget(node)
             self.graph.erase_node(node)
         for qualname in self.new_attributes:
             self._delete_attribute(qualname)
-        self.created, self.new_attributes, self._pending_notes = [], [], []
+        self.created, self.new_attributes, self._pending_notes, self._root = [], [], [], None  # transaction over
 
     def _erase_if_dead(self, node: Node) -> None:
         if node.users or node.graph is not self.graph or _erased(node):
             return
         inputs = node.all_input_nodes
+        self._forget(node)
         self.graph.erase_node(node)
         if node.op == "get_attr" and not self.get_attrs(node.target):
             if self.reuse_storage:
@@ -248,6 +250,20 @@ class Rewriter:
         for arg in inputs:
             if arg.op == "get_attr":
                 self._erase_if_dead(arg)
+
+    def _forget(self, node: Node) -> None:
+        """Drop ``node``, about to be erased, from the caches: an entry would keep it alive (and,
+        through its links, the nodes that were next to it)."""
+        self._reads_inputs.pop(node, None)
+        if node.op != "get_attr":
+            return
+        keys = ((self._get_attrs_by_target, node.target), (self._readers_by_tensor, id(self.constant(node))))
+        for index, key in keys:
+            nodes = index.get(key) if index is not None else None
+            if nodes is not None and node in nodes:
+                nodes.remove(node)
+                if not nodes:
+                    del index[key]
 
     def constant_at(self, qualname: str) -> torch.Tensor | None:
         value = attribute(self.gm, qualname)
@@ -262,15 +278,16 @@ class Rewriter:
             return
         if self._live_readers(value):
             return
-        self._spare.setdefault((value.shape, value.dtype), []).append(value)
+        # by size, not shape: a merge may store the weight transposed (GPT-2's Conv1D as a Linear)
+        self._spare.setdefault((value.numel(), value.dtype), []).append(value)
 
     def _write_into_spare_storage(self, qualnames: list[str]) -> None:
         for qualname in qualnames:
             new = self.constant_at(qualname)
-            spares = self._spare.get((new.shape, new.dtype)) if new is not None and new.is_contiguous() else None
+            spares = self._spare.get((new.numel(), new.dtype)) if new is not None and new.is_contiguous() else None
             if not spares:
                 continue
-            storage = spares.pop()
+            storage = spares.pop().view(new.shape)
             with torch.no_grad():
                 storage.copy_(new)
             owner_path, _, leaf = qualname.rpartition(".")

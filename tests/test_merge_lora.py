@@ -239,6 +239,23 @@ def test_peft_transformer(arch: str, variant: str) -> None:
     torch.testing.assert_close(_logits(result(ids)), merged(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_peft_gpt2_inplace_merge_writes_into_the_models_own_storage() -> None:
+    """inplace=True: every merged weight reuses a freed weight's memory, though the merge stores
+    GPT-2's Conv1D weight transposed (as a Linear's): no second copy of the adapted layers."""
+    peft = _peft()
+    base, targets, extra = _tiny("gpt2")
+    ids = torch.randint(0, 100, (1, 8))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **extra)
+    model = peft.get_peft_model(base, config).eval()
+    reference = copy.deepcopy(model)
+    storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    result = fxopt.optimize(model, (ids,), passes=["merge_lora"], inplace=True)
+    merged = [t for name, t in result.state_dict().items() if name.endswith(("c_attn.weight", "c_fc.weight"))]
+    assert len(merged) == 4 and all(t.untyped_storage().data_ptr() in storages for t in merged)
+    assert "storage" in str(result.report)
+    torch.testing.assert_close(_logits(result(ids)), reference(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def _weight_built_config(peft, variant: str, targets: list[str], extra: dict):
     """LoHa, LoKr and VeRA build their delta weight in forward from small factors (VeRA: from frozen random
     bases shared by every layer): merge_lora evaluates that weight-only subgraph."""
