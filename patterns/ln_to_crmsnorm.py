@@ -328,11 +328,13 @@ def ln_to_crmsnorm_instances() -> st.SearchStrategy:
 LN_TO_CRMSNORM = register(
     Pass(
         name="ln_to_crmsnorm",
-        description="Pre-LN transformer -> Pre-CRMSNorm: zero-mean residual stream stored in d - 1 channels (exact)",
+        description="Pre-LN transformer -> Pre-CRMSNorm: zero-mean residual stream stored in d - 1 channels (exact; "
+        "opt-in: d - 1 wide matmuls ran 1-5% slower on a CPU)",
         patterns=(PreLNStreamCompressed(),),
         instances=ln_to_crmsnorm_instances,
-        # not default: the compressed norm is several kernels in eager mode, and untying a tied
-        # LM head makes the model larger
+        # not default: the compressed norm is several kernels in eager mode, the Linears reading it
+        # take d - 1 inputs (misaligned for the GEMM kernels: GPT-2-small 1.007x, ViT-S 1.04-1.05x,
+        # eager and compiled, benchmarks/bench_norms.py), and untying a tied LM head makes the model larger
         default=False,
     )
 )
