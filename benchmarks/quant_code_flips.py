@@ -105,7 +105,7 @@ def measure(seed: int, bits: int, tokens: int, dtype: torch.dtype, counts: Count
     counts.skipped += len(stats.skipped)
     counts.verification_failed += not validated.report.verification.passed
 
-    rewritten = fxopt.optimize(calibrated, (example,), passes=["reparam_quant"], verify=False)
+    rewritten = fxopt.optimize(calibrated, (example,), passes=["reparam_quant"], verify=False, keep_class=False)
     example_flipped = bool((codes_of(rewritten, example) != codes_of(calibrated, example)).any())
     counts.committed_with_example_flips += example_flipped and stats.applied > 0
     fresh = (torch.randn(1, tokens, 8, generator=g) * 2).to(dtype)

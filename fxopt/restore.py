@@ -597,15 +597,24 @@ class _Restorer:
             swap = self._as_identity(key)
             if isinstance(swap, _Swap):
                 return swap
+        kept: _Keep | None = None
         try:
-            return self._keep(key, key, None, given, list(outs.items()))
-        except _Mismatch as kept:
-            reasons = [str(kept)]
+            kept = self._keep(key, key, None, given, list(outs.items()))
+        except _Mismatch as mismatch:
+            reasons = [str(mismatch)]
+        else:
+            if not kept.recomputed:
+                return kept
+            # exact, but its forward() would compute again, on every call, what the passes folded
+            # (DEConv's kernel built from parameters: 1.5x the deploy net's latency): swap if we can
+            reasons = []
         for attempt in (self._as_submodule, self._as_layer, self._as_generated):
             swap = attempt(key, given, outs)
             if isinstance(swap, _Swap):
                 return swap
             reasons.append(swap)
+        if kept is not None:
+            return kept
         raise _Mismatch(f"{reasons[0]}; and no module fits in its place ({reasons[-1]})")
 
     def _single_argument(self, key: str) -> bool:
