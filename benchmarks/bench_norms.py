@@ -61,16 +61,20 @@ def bench(name: str, model, inputs: tuple, repeats: int, iters: int) -> list[lis
     with torch.no_grad():
         for m in variants.values():  # compile and warm up
             m(*inputs), m(*inputs)
-        for _ in range(repeats):
-            for key, m in variants.items():
+        order = list(variants.items())
+        for round_ in range(repeats):  # the order rotated each round, so no variant always follows another
+            for key, m in order[round_ % len(order):] + order[:round_ % len(order)]:
                 times[key].append(latency(m, inputs, iters))
 
     def ratio(key: str, mode: str) -> float:
         return statistics.median(t / base for t, base in zip(times[key, mode], times["original", mode]))
 
+    def faster(key: str, mode: str) -> float:  # a sign test: how often the variant beat the original
+        return sum(t < base for t, base in zip(times[key, mode], times["original", mode])) / repeats
+
     med = {k: statistics.median(v) for k, v in times.items()}
     return [[name if key == "original" else "", key, med[key, "eager"], ratio(key, "eager"),
-             med[key, "compiled"], ratio(key, "compiled")] for key in models]
+             med[key, "compiled"], ratio(key, "compiled"), faster(key, "compiled")] for key in models]
 
 
 def norm_kernels(tokens: int, width: int, repeats: int) -> list:
@@ -110,7 +114,7 @@ def main() -> None:
               (f"ViT-S/16, {args.image_size} px ({(args.image_size // 16) ** 2 + 1} tokens)",
                lambda: vit_small(args.image_size)))
     rows = [row for name, build in models for row in bench(name, *build(), args.repeats, args.iters)]
-    headers = ["model", "variant", "eager ms", "eager ratio", "compiled ms", "compiled ratio"]
+    headers = ["model", "variant", "eager ms", "eager ratio", "compiled ms", "compiled ratio", "compiled: rounds faster"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats} x {args.iters} runs")
     print(tabulate(rows, headers=headers, floatfmt=".3f"))
     kernels = [norm_kernels(args.tokens, 768, args.repeats),
