@@ -137,6 +137,7 @@ def test_save_load_round_trip_and_fresh_process_with_torch_only(tmp_path, build)
         f"""
         import importlib.util, sys, torch
         sys.modules["fxopt"] = None; sys.modules["safetensors"] = None  # only torch may be used
+        torch.set_num_threads({torch.get_num_threads()})  # the same bits need the same reduction splits
         spec = importlib.util.spec_from_file_location("saved", r"{tmp_path}/module.py")
         saved = importlib.util.module_from_spec(spec); spec.loader.exec_module(saved)
         model = saved.load(r"{tmp_path}")
