@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate, map_arg
 
-from . import ops
+from . import ops, runtime
 from .capture import BOUNDARY, CallRecord, Captured, Slot
 from .codegen import finalize
 from .interpret import attribute, preserved_buffers
@@ -604,7 +604,7 @@ class _Restorer:
             reasons = [str(mismatch)]
         else:
             if not kept.recomputed:
-                return kept
+                return self._as_lowered_layer(key, given, outs) or kept
             # exact, but its forward() would compute again, on every call, what the passes folded
             # (DEConv's kernel built from parameters: 1.5x the deploy net's latency): swap if we can
             reasons = []
@@ -616,6 +616,16 @@ class _Restorer:
         if kept is not None:
             return kept
         raise _Mismatch(f"{reasons[0]}; and no module fits in its place ({reasons[-1]})")
+
+    def _as_lowered_layer(self, key: str, given: dict[Node, Node], outs: dict[Node, Node]) -> _Swap | None:
+        """A layer module whose one op became a canonical op codegen lowers (an nn.LayerNorm now
+        normalizing a zero-mean stream): the kept module computes it exactly, the swapped-in one
+        with the kernel that is fastest where it runs (fxopt.runtime)."""
+        region = self.after.region(key)
+        if len(region) != 1 or region[0].target not in _LOWERED_AS:
+            return None
+        swap = self._as_layer(key, given, outs)
+        return swap if isinstance(swap, _Swap) else None
 
     def _single_argument(self, key: str) -> bool:
         """The call passes exactly one value (its input) and returns one."""
@@ -679,7 +689,7 @@ class _Restorer:
             new = self._layer_norm_module(layer, weight, bias)
         if new is None:
             return "its optimized layer has no nn module form"
-        return _Swap(key, self.module(key), new, f"nn.{new!r}")
+        return _Swap(key, self.module(key), new, _class_name(new) + repr(new)[len(type(new).__name__):])
 
     def _conv_module(self, layer: Node, weight: torch.Tensor | None, bias: torch.Tensor | None) -> nn.Module | None:
         k = layer.kwargs
@@ -700,12 +710,13 @@ class _Restorer:
 
     def _layer_norm_module(self, layer: Node, weight: torch.Tensor | None,
                            bias: torch.Tensor | None) -> nn.Module | None:
-        """nn.LayerNorm (also for an RMSNorm of a zero-mean input, which codegen lowers to that kernel)."""
+        """nn.LayerNorm, or for an RMSNorm of a zero-mean input fxopt.runtime's subclass of it."""
         if weight is None and bias is not None:
             return None
         tensor = weight if weight is not None else torch.empty(0)
         k = layer.kwargs
-        return _holding(self._layer(nn.LayerNorm, tuple(k["normalized_shape"]), eps=k["eps"],
+        kind = runtime.ZeroMeanRMSNorm if ops.ZERO_MEAN_RMS_NORM(layer) else nn.LayerNorm
+        return _holding(self._layer(kind, tuple(k["normalized_shape"]), eps=k["eps"],
                                     elementwise_affine=weight is not None, bias=bias is not None,
                                     device=tensor.device, dtype=tensor.dtype), weight, bias)
 

@@ -1,6 +1,6 @@
-"""Functions the generated code calls besides torch's own.
+"""Functions the generated code calls besides torch's own, and the modules keep_class swaps in for them.
 
-Each one uses nothing but ``torch`` (spelled in full, no other imports), so :func:`fxopt.save`
+Each function uses nothing but ``torch`` (spelled in full, no other imports), so :func:`fxopt.save`
 writes its source into the saved ``module.py``: a saved model still needs only torch.
 """
 
@@ -29,3 +29,11 @@ def zero_mean_rms_norm(
         out = torch.nn.functional.rms_norm(input, normalized_shape, weight, eps)
         return out if bias is None else out + bias
     return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+class ZeroMeanRMSNorm(torch.nn.LayerNorm):
+    """An nn.LayerNorm whose input ln_to_rmsnorm made zero-mean: the same parameters and state_dict,
+    run with :func:`zero_mean_rms_norm`, so a model that keeps its class is compiled with the RMSNorm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return zero_mean_rms_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)

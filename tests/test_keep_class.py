@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 
 import fxopt
+from fxopt.runtime import ZeroMeanRMSNorm
 from tests.reparam_blocks import conv_bn
 from tests.transformer_blocks import TiedLM, ViT
 
@@ -140,7 +141,8 @@ def test_parameter_only_changes_keep_the_state_dict_loadable_into_a_fresh_instan
     result = fxopt.optimize(model, (x,), passes=["ln_to_rmsnorm"], keep_class=True)
     assert_unchanged(model, before)
     assert type(result) is ViT and result.report.verification.passed, str(result.report)
-    assert all("the same class" in what for _, what in result.report.kept_class.swapped)
+    # parameters re-centred in place; the LayerNorms became runtime.ZeroMeanRMSNorm, their nn.LayerNorm subclass
+    assert all("the same class" in what or "ZeroMeanRMSNorm" in what for _, what in result.report.kept_class.swapped)
     assert {path for path, _ in result.report.kept_class.swapped} >= {"patch", "blocks.0.fc2", "ViT"}
     fresh = ViT(layer_scale=False).eval()
     fresh.load_state_dict(result.state_dict(), strict=True)
@@ -274,12 +276,25 @@ def test_hf_gpt2_after_ln_to_rmsnorm_still_generates():
     result = fxopt.optimize(model, (ids,), passes=["ln_to_rmsnorm"], keep_class=True)
     assert_unchanged(model, before)
     assert type(result) is type(model) and result.report.verification.passed, str(result.report)
-    # every change is a parameter of a module that keeps its class: re-centred embeddings and projections
-    assert all("the same class" in what for _, what in result.report.kept_class.swapped)
+    # each LayerNorm now reads a zero-mean stream: runtime.ZeroMeanRMSNorm, still an nn.LayerNorm with the
+    # same parameters; every other change is a parameter of a module that keeps its class
+    norms = {name for name, m in result.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert norms == {name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert all(isinstance(result.get_submodule(name), ZeroMeanRMSNorm) for name in norms)
+    assert all("the same class" in what for path, what in result.report.kept_class.swapped if path not in norms)
     assert result.transformer.wte.weight.mean(-1).abs().max() < 1e-6
     assert torch.equal(result.lm_head.weight, model.lm_head.weight)  # the tied head keeps the original
     assert any("tie_weights()" in note for note in result.report.notes)
     assert torch.equal(_generate(result, ids[:1]), _generate(model, ids[:1]))
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(result, backend=keep_graph)(ids)  # compiled, the kept class runs the RMSNorm kernel
+    called = [getattr(n.target, "__name__", "") for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert called.count("rms_norm") == len(norms) and "layer_norm" not in called
 
 
 def test_a_reshape_rebuilt_by_a_merge_stays_in_its_module() -> None:
