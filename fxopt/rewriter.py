@@ -287,8 +287,8 @@ class Rewriter:
             spares = self._spare.get((new.numel(), new.dtype)) if new is not None and new.is_contiguous() else None
             if not spares:
                 continue
-            storage = spares.pop().view(new.shape)
             with torch.no_grad():
+                storage = spares.pop().view(new.shape)
                 storage.copy_(new)
             owner_path, _, leaf = qualname.rpartition(".")
             owner = attribute(self.gm, owner_path) if owner_path else self.gm
