@@ -217,6 +217,18 @@ def _logits(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _assert_merged_like_peft(model: nn.Module, result: torch.fx.GraphModule, ids: torch.Tensor, base_layers: int) -> None:
+    """All 8 adapters merged, the base model's layer count, verified, and the logits of PEFT's own merge."""
+    report = result.report.passes[-1]
+    assert report.applied == 8 and not report.skipped and not report.rolled_back
+    assert layer_count(result) == base_layers
+    assert result.report.verification.passed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = copy.deepcopy(model).merge_and_unload()
+    torch.testing.assert_close(_logits(result(ids)), merged(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "arch, variant",
     [("gpt2", "lora"), ("gpt2", "rslora"), ("gpt2", "dora"), ("llama", "lora"), ("llama", "dora")],
@@ -229,14 +241,7 @@ def test_peft_transformer(arch: str, variant: str) -> None:
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, lora_dropout=0.1,
                              use_rslora=variant == "rslora", use_dora=variant == "dora", **extra)
     model = peft.get_peft_model(base, config).eval()
-    result, report = merge(model, (ids,))
-    assert report.applied == 8 and not report.skipped and not report.rolled_back
-    assert layer_count(result) == base_layers
-    assert result.report.verification.passed
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = copy.deepcopy(model).merge_and_unload()
-    torch.testing.assert_close(_logits(result(ids)), merged(ids).logits, rtol=1e-4, atol=1e-5)
+    _assert_merged_like_peft(model, merge(model, (ids,))[0], ids, base_layers)
 
 
 def test_peft_gpt2_inplace_merge_writes_into_the_models_own_storage() -> None:
@@ -284,15 +289,7 @@ def test_peft_weight_built_adapters(arch: str, variant: str) -> None:
         with model.disable_adapter():
             base_logits = model(ids).logits
         assert not torch.allclose(model(ids).logits, base_logits, rtol=1e-3, atol=1e-3)
-    result = optimize_to_graph(model, (ids,), passes=["merge_lora"])
-    report = result.report.passes[-1]
-    assert report.applied == 8 and not report.skipped and not report.rolled_back
-    assert layer_count(result) == base_layers
-    assert result.report.verification.passed
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = copy.deepcopy(model).merge_and_unload()
-    torch.testing.assert_close(_logits(result(ids)), merged(ids).logits, rtol=1e-4, atol=1e-5)
+    _assert_merged_like_peft(model, optimize_to_graph(model, (ids,), passes=["merge_lora"]), ids, base_layers)
 
 
 def test_peft_adapter_on_tied_lm_head_is_skipped() -> None:
