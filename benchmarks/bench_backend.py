@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tabulate import tabulate
 
 import fxopt
 from fxopt.examples import resnet50
@@ -93,10 +94,7 @@ def main() -> None:
                "freezing / inductor", "compile s (fxopt / inductor / freezing)"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"medians of {args.repeats} interleaved runs, torch.no_grad()\n")
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "---|" * len(headers))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
 
 
 if __name__ == "__main__":

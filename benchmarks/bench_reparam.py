@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
 import fxopt
 
@@ -103,10 +104,7 @@ def main() -> None:
     headers += ["optimize ms (verify=False)", "hand reparameterize ms"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {args.size}x{args.size}, "
           f"{args.channels} channels, medians of {args.repeats} interleaved runs\n")
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "---|" * len(headers))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
 
 
 if __name__ == "__main__":

@@ -108,18 +108,6 @@ def test_frozen_parameters_fold_with_grad_mode_on(eager_inductor, caplog):
     torch.testing.assert_close(out, net(x))
 
 
-def test_weights_changed_after_compile_are_folded_again(eager_inductor):
-    torch.manual_seed(0)
-    net, other, x = repvgg(), repvgg(), torch.randn(1, 3, 8, 8)
-    with torch.no_grad():
-        compiled = torch.compile(net, backend="fxopt", options={"verify": False})
-        compiled(x)
-        net.load_state_dict(other.state_dict())  # in place: same tensors, new versions
-        with pytest.warns(FxoptBackendWarning, match="changed since it was folded"):
-            out = compiled(x)
-        torch.testing.assert_close(out, other(x))
-
-
 def test_two_models_of_one_class_each_use_their_own_weights(eager_inductor):
     """Dynamo guards an nn.Module by type, so the second model reuses the first one's graph."""
     torch.manual_seed(0)
@@ -142,28 +130,30 @@ def test_training_mode_batch_norm_is_left_to_inductor_and_updates_its_statistics
     torch.testing.assert_close(net.state_dict(), eager.state_dict())
 
 
-def test_batch_norm_statistics_updated_after_compile_are_seen(eager_inductor):
-    """A training-mode forward changes the statistics without counting a write: compared by value."""
+def _load_other_weights(net: Net) -> None:
+    net.load_state_dict(repvgg().state_dict())  # in place: same tensors, new versions
+
+
+def _recalibrate_statistics(net: Net) -> None:
+    # a training-mode forward changes the statistics without counting a write: compared by value
+    net.train()(torch.randn(4, 3, 8, 8))
+    net.eval()
+
+
+def _replace_a_parameter(net: Net) -> None:
+    # dynamo does not recompile for a new parameter tensor of the same shape: the backend sees another tensor
+    conv = net.blocks[1].dense[0]
+    conv.weight = nn.Parameter(torch.randn_like(conv.weight))
+
+
+@pytest.mark.parametrize("change", [_load_other_weights, _recalibrate_statistics, _replace_a_parameter])
+def test_weights_changed_after_compile_are_folded_again(eager_inductor, change):
     torch.manual_seed(0)
     net, x = repvgg(), torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         compiled = torch.compile(net, backend="fxopt", options={"verify": False})
         compiled(x)
-        net.train()(torch.randn(4, 3, 8, 8))  # eager: recalibrates the statistics
-        net.eval()
-        with pytest.warns(FxoptBackendWarning, match="changed since it was folded"):
-            torch.testing.assert_close(compiled(x), net(x))
-
-
-def test_a_parameter_replaced_by_a_new_tensor_is_folded_again(eager_inductor):
-    """Dynamo does not recompile for a new parameter tensor of the same shape: the backend sees it is another tensor."""
-    torch.manual_seed(0)
-    net, x = repvgg(), torch.randn(1, 3, 8, 8)
-    with torch.no_grad():
-        compiled = torch.compile(net, backend="fxopt", options={"verify": False})
-        compiled(x)
-        conv = net.blocks[1].dense[0]
-        conv.weight = nn.Parameter(torch.randn_like(conv.weight))
+        change(net)
         with pytest.warns(FxoptBackendWarning, match="changed since it was folded"):
             torch.testing.assert_close(compiled(x), net(x))
 
