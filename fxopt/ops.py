@@ -184,6 +184,17 @@ ALL_OPS: tuple[Op, ...] = (
 )
 
 
+
+def reads_as_input(layer: Any, value: Any) -> bool:
+    """True when ``layer`` (a Linear, or an addmm as in GPT-2's Conv1D) multiplies ``value`` as its
+    activation, and reads it nowhere else (not as its weight or bias)."""
+    if LINEAR(layer):
+        return layer.kwargs["input"] is value and value not in (layer.kwargs["weight"], layer.kwargs["bias"])
+    if ADDMM(layer):
+        return layer.kwargs["mat1"] is value and value not in (layer.kwargs["mat2"], layer.kwargs["input"])
+    return False
+
+
 class _AnyCall(Op):
     """The anchor of patterns that must see every call (constant folding): any call_function or
     call_method node, canonical or not. Not a canonical op, so it is not in ALL_OPS."""

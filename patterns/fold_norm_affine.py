@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch.fx import Node
 
-from fxopt.ops import ADDMM, LAYER_NORM, LINEAR, RMS_NORM, ZERO_MEAN_RMS_NORM, Op, layout_op
+from fxopt.ops import ADDMM, LAYER_NORM, LINEAR, RMS_NORM, ZERO_MEAN_RMS_NORM, Op, layout_op, reads_as_input
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
 
@@ -34,14 +34,6 @@ class Consumer:
 
     layer: Node
     via: Node | None = None
-
-
-def _reads_as_input(layer: Node, value: Node) -> bool:
-    if LINEAR(layer):
-        return layer.kwargs["input"] is value and value not in (layer.kwargs["weight"], layer.kwargs["bias"])
-    if ADDMM(layer):
-        return layer.kwargs["mat1"] is value and value not in (layer.kwargs["mat2"], layer.kwargs["input"])
-    return False
 
 
 def _layer_problem(layer: Node, rw: Rewriter) -> str | None:
@@ -65,7 +57,7 @@ def affine_consumers(value: Node, rw: Rewriter, what: str) -> list[Consumer] | S
         else:
             readers = [(user, None)]
         for layer, via in readers:
-            if not _reads_as_input(layer, via or value):
+            if not reads_as_input(layer, via or value):
                 name = layer.target if layer.op == "output" else getattr(layer.target, "__name__", layer.target)
                 return Skip(f"{what} is read by {layer.name} ({name}), not a Linear reading it as input")
             problem = _layer_problem(layer, rw)

@@ -34,7 +34,7 @@ import torch
 from hypothesis import strategies as st
 from torch.fx import Node, map_arg
 
-from fxopt.ops import ADDMM, DROPOUT, IDENTITY, LAYER_NORM, LINEAR, layout_op
+from fxopt.ops import ADDMM, DROPOUT, IDENTITY, LAYER_NORM, LINEAR, layout_op, reads_as_input
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.patterns.ln_to_rmsnorm import Stream, find_stream, ln_to_rmsnorm_instances, rebuilt_stream, stream_nodes
 from fxopt.rewriter import Rewriter, bias_name
@@ -102,14 +102,6 @@ class _NormReaders:
         return {n.name: n for n in (*self.layers, *self.layout, *self.shapes)}
 
 
-def _reads_as_input(layer: Node, value: Node) -> bool:
-    if LINEAR(layer):
-        return layer.kwargs["input"] is value and value not in (layer.kwargs["weight"], layer.kwargs["bias"])
-    if ADDMM(layer):
-        return layer.kwargs["mat1"] is value and value not in (layer.kwargs["mat2"], layer.kwargs["input"])
-    return False
-
-
 def _weight_bias(layer: Node) -> tuple[Node, Node | None]:
     k = layer.kwargs
     return (k["weight"], k["bias"]) if LINEAR(layer) else (k["mat2"], k["input"])
@@ -167,7 +159,7 @@ def _norm_readers(norm: Node, rw: Rewriter) -> _NormReaders | str:
     while frontier:
         value = frontier.pop()
         for user in value.users:
-            if _reads_as_input(user, value):
+            if reads_as_input(user, value):
                 weight, bias = _weight_bias(user)
                 if weight.op != "get_attr" or not (rw.is_constant(weight) and rw.is_constant(bias)):
                     return f"{user.name} reads {norm.name}'s output with a weight or bias computed at run time"
