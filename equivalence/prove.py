@@ -547,7 +547,7 @@ def _verdict(proofs: list[MatchProof]) -> str:
 
 def _prove_instance(p: Pass, model: torch.nn.Module, inputs: tuple, notes: list[str]) -> list[MatchProof]:
     """A proof for every match of every pattern on one instance; skipped matches go to ``notes``."""
-    gm = canonicalize(capture(copy.deepcopy(model), inputs).module)
+    gm = canonicalize(capture(copy.deepcopy(model), inputs).module, inputs)
     run_graph(gm, inputs)  # record shapes while every value is still a number
     rw = _SymbolicRewriter(gm, _symbolic_constants(gm))
     _symbolic_eps(gm)

@@ -18,20 +18,26 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from . import ops
+from .capture import has_forward_hooks
 from .interpret import attribute, eliminate_dead_code, install_attributes, release_erased_nodes
+from .metadata import reads_only_metadata, resolve_static_metadata
 from .ops import Op
 
 aten = torch.ops.aten
 Canonical = tuple[Op, dict[str, Any]]
 
 
-def canonicalize(gm: GraphModule) -> GraphModule:
+def canonicalize(gm: GraphModule, example_inputs: tuple | None = None) -> GraphModule:
     """Rewrite ``gm`` in place into canonical form and return it.
 
-    Afterwards ``gm`` holds the tensors and modules its graph reads in containers of its own, so
+    With ``example_inputs``, what the capture fixed is made constant first (ranks, arithmetic on
+    them, asserts they satisfy: see fxopt.metadata), so that ``assert x.ndim == 4`` leaves nothing
+    behind that a pattern would count as a user. Afterwards ``gm`` holds the tensors and modules its graph reads in containers of its own, so
     rewrites never touch the captured model's modules (which are the user's)."""
     graph = gm.graph
     release_erased_nodes(gm)  # for every stage that erases nodes from here on, until codegen
+    if example_inputs is not None:
+        resolve_static_metadata(gm, example_inputs)
     for node in list(graph.nodes):
         canonical = _canonical_form(node, gm)
         if canonical is None:
@@ -47,6 +53,7 @@ def canonicalize(gm: GraphModule) -> GraphModule:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     _absorb_border_writes(graph)
+    _functionalize_writes(graph)
     _absorb_pads(graph)
     eliminate_dead_code(graph)
     targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
@@ -70,10 +77,14 @@ def _as_arg(graph: torch.fx.Graph, gm: GraphModule, value: Any) -> Any:
 def _canonical_form(node: Node, gm: GraphModule) -> Canonical | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        for types, convert in _MODULE_SPELLINGS:
-            if type(module) in types:
-                return convert(node, module) if len(node.args) == 1 and not node.kwargs else None
-        return None
+        if has_forward_hooks(module):
+            return None  # the call runs the user's hooks: it stays a call of the module
+        convert = next((c for types, c in _MODULE_SPELLINGS if type(module) in types), None)
+        if convert is None and _plain_batch_norm(module):
+            convert = _bn_module
+        if convert is None:
+            return None
+        return convert(node, module) if len(node.args) == 1 and not node.kwargs else None
     if node.op == "call_function":
         convert = _FUNCTION_SPELLINGS.get(node.target)
     elif node.op == "call_method":
@@ -348,6 +359,113 @@ def _per_channel_shape(shape: torch.Size | None, ndim: int, channels: int) -> bo
 
 
 # ---------------------------------------------------------------------------------------------
+# in-place writes into values the graph itself made: their functional forms
+
+
+# in-place op -> its functional form, for values with one owner
+_FUNCTIONAL_FORMS: dict[Any, Any] = {
+    aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor, aten.mul_.Tensor: aten.mul.Tensor,
+    aten.div_.Tensor: aten.div.Tensor, aten.add_.Scalar: aten.add.Scalar, aten.mul_.Scalar: aten.mul.Scalar,
+    aten.index_put_.default: aten.index_put.default, aten.relu_.default: aten.relu.default,
+    "add_": operator.add, "sub_": operator.sub, "mul_": operator.mul, "div_": operator.truediv,
+}
+_SCATTERS = {aten.select.int: aten.select_scatter.default, aten.slice.Tensor: aten.slice_scatter.default}
+
+
+def _functionalize_writes(graph: torch.fx.Graph) -> None:
+    """``out += b`` (``add_``), ``k[:, :, i] = v`` (``select`` + ``copy_``) and ``index_put_`` on a
+    tensor the graph made (not an input, a parameter or a view of one) become functional ops whose
+    result later readers read: a sum written ``out += b`` is then a sum to the passes, and a kernel
+    assembled by writes into ``torch.zeros`` folds to a constant.
+
+    Exact because nothing else can see the old value change: the written tensor is fresh (made by an
+    op that returns new memory) and none of its readers before the write made a view of it."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for write in list(graph.nodes):
+        found = _functional_write(write)
+        if found is None:
+            continue
+        written, build = found
+        if not _owned(written, write, position):
+            continue
+        with graph.inserting_before(write):
+            new = build()
+        new.meta = dict(written.meta)
+        position[new] = position[write]
+        for user in list(written.users):
+            if position.get(user, -1) > position[write]:
+                user.replace_input_with(written, new)
+        write.replace_all_uses_with(new)
+        graph.erase_node(write)
+
+
+def _functional_write(write: Node) -> tuple[Node, Callable[[], Node]] | None:
+    """(the tensor ``write`` writes into, a builder of its functional form), or None."""
+    graph, key = write.graph, write.target
+    if write.op == "call_function" and write.target is aten.copy_.default and len(write.args) == 2 and not write.kwargs:
+        chain = _view_chain(write.args[0])
+        if chain is None:
+            return None
+        base, views = chain
+
+        def scatter() -> Node:
+            value = graph.call_function(aten.expand_as.default, (write.args[1], views[-1]))
+            for view in reversed(views):  # innermost first: scatter into the view it was taken from
+                source = view.args[0]
+                value = graph.call_function(_SCATTERS[view.target], (source, value, *view.args[1:]), dict(view.kwargs))
+            return value
+
+        return base, scatter
+    if write.op not in ("call_function", "call_method") or key not in _FUNCTIONAL_FORMS or not write.args or not isinstance(write.args[0], Node):
+        return None
+    if write.op == "call_method" and (len(write.args) != 2 or write.kwargs):
+        return None
+    functional = _FUNCTIONAL_FORMS[key]
+    return write.args[0], lambda: graph.call_function(functional, write.args, dict(write.kwargs))
+
+
+def _view_chain(view: Any) -> tuple[Node, list[Node]] | None:
+    """(base, [view of base, view of that, ...]) for a chain of select/slice views read only by the next."""
+    views: list[Node] = []
+    while isinstance(view, Node) and view.target in _SCATTERS and len(view.users) == 1:
+        views.append(view)
+        view = view.args[0]
+    if not views or not isinstance(view, Node):
+        return None
+    return view, list(reversed(views))
+
+
+def _owned(value: Node, write: Node, position: dict[Node, int]) -> bool:
+    """True when ``value`` is new memory that no view made before ``write`` can show (see above)."""
+    if not _returns_new_memory(value):
+        return False
+    for user in value.users:
+        if user is write or position.get(user, -1) > position[write]:
+            continue
+        if not _returns_new_memory(user) and not _is_metadata_read(user):
+            if _view_chain_of(user, write):
+                continue  # the select/slice being written into
+            return False
+    return True
+
+
+def _view_chain_of(node: Node, write: Node) -> bool:
+    chain = _view_chain(write.args[0]) if write.target is aten.copy_.default else None
+    return chain is not None and node in chain[1]
+
+
+def _returns_new_memory(node: Node) -> bool:
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        schema = node.target._schema
+        return not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+    return any(op(node) for op in ops.ALL_OPS) and not ops.IDENTITY(node) and not ops.DROPOUT(node)
+
+
+def _is_metadata_read(node: Node) -> bool:
+    return bool(node.args) and isinstance(node.args[0], Node) and reads_only_metadata(node, node.args[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # batch norm
 
 
@@ -372,6 +490,14 @@ def _bn_native_getitem(node: Node) -> Canonical | None:
     if bound is None:
         return None
     return ops.BATCH_NORM, {**{k: bound[k] for k in _BN_FIELDS if k != "training"}, "training": False}
+
+
+def _plain_batch_norm(m: nn.Module) -> bool:
+    """A BatchNorm subclass that computes what BatchNorm does: one that keeps torch's forward, and
+    nn.SyncBatchNorm in eval mode (in training it reduces statistics across processes)."""
+    if isinstance(m, nn.SyncBatchNorm):
+        return not m.training and type(m).forward is nn.SyncBatchNorm.forward
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is nn.modules.batchnorm._BatchNorm.forward
 
 
 def _bn_module(node: Node, m: nn.modules.batchnorm._BatchNorm) -> Canonical | None:

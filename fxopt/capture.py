@@ -6,7 +6,8 @@ fast); when it fails, ``torch.export.export(strict=False)`` is tried. Both unlif
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,10 +68,14 @@ class _LeafTracer(Tracer):
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self.leaf_names = {x for x in leaves if isinstance(x, str)}
         self.calls: dict[str, CallRecord] = {}
+        self.hooked: set[str] = set()
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
             return True
+        if has_forward_hooks(m):
+            self.hooked.add(qualname)
+            return True  # called as a module, so its hooks run; canonicalization leaves it as it is
         if isinstance(m, torch.ao.quantization.FakeQuantizeBase):
             return True  # its forward branches on its own buffers; canonicalization reads its state
         return super().is_leaf_module(m, qualname)
@@ -85,6 +90,11 @@ class _LeafTracer(Tracer):
             key = f"{path}@{calls_before}" if calls_before else path  # fx's nn_module_stack key for this call
             self.calls[key] = _record(key, path, args, kwargs, result)
         return result
+
+
+def has_forward_hooks(m: torch.nn.Module) -> bool:
+    """True when calling ``m`` runs hooks of the user's besides its forward()."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def _record(key: str, path: str, args: tuple, kwargs: dict, result: Any) -> CallRecord:
@@ -127,11 +137,14 @@ def capture(
     leaves, wrapped = tuple(leaf_modules), tuple(autowrap_functions)
     try:
         tracer = _LeafTracer(leaves, wrapped)
-        graph = tracer.trace(model)
+        with _buffer_assignments_refused(model):
+            graph = tracer.trace(model)
         # compiled only if called: fxopt runs the working graph through an Interpreter, and compiling
         # the code of a 10k-node graph takes ~60 MB for a moment and keeps a ~3 MB code object
         module = _LazyGraphModule(tracer.root, graph, type(model).__name__)
-        return Captured(module, "torch.fx.symbolic_trace", calls=tracer.calls)
+        notes = [f"{path} has a forward hook: kept as it is (not folded or merged), so the hook still runs"
+                 for path in sorted(tracer.hooked)]
+        return Captured(module, "torch.fx.symbolic_trace", notes, calls=tracer.calls)
     except Exception as error:  # noqa: BLE001 - any tracing failure sends us to the next frontend
         trace_error = error
     try:
@@ -145,6 +158,24 @@ def capture(
         "so shapes are specialised to the example inputs"
     ]
     return Captured(gm, "torch.export", notes)
+
+
+@contextlib.contextmanager
+def _buffer_assignments_refused(model: torch.nn.Module) -> Iterator[None]:
+    """Put back every buffer that tracing reassigned, and fail the trace if there was one.
+
+    ``self.calls += 1`` on a buffer assigns the traced value (a Proxy) to the module: the user's model
+    would be left holding it, and the graph would not record the update. torch.export records it
+    (as an in-place write of the buffer), so symbolic_trace gives way to it."""
+    buffers = [(owner, name, value) for owner in model.modules() for name, value in owner._buffers.items()]
+    try:
+        yield
+    finally:
+        reassigned = [name for owner, name, value in buffers if owner._buffers.get(name) is not value]
+        for owner, name, value in buffers:
+            owner._buffers[name] = value
+    if reassigned:
+        raise TypeError(f"forward() assigns to the buffer {reassigned[0]!r}, which symbolic_trace cannot record")
 
 
 def _drop_guards(gm: GraphModule) -> None:

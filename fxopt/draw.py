@@ -339,7 +339,7 @@ def _canonical_graph(model: torch.nn.Module, example_inputs: tuple | None) -> Gr
         gm = GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
     else:
         gm = capture(model, example_inputs if example_inputs is not None else ()).module
-    gm = canonicalize(gm)
+    gm = canonicalize(gm, example_inputs)
     for node in list(gm.graph.nodes):
         if ops.IDENTITY(node):
             node.replace_all_uses_with(node.kwargs["input"])

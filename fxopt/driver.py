@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 from .canonical import canonicalize
 from .capture import Captured, LeafSpec, capture
 from .codegen import finalize
-from .errors import FxoptError, InputError, UnknownPassError
+from .errors import FxoptError, InputError, UnknownPassError, VerificationError
 from .interpret import attribute, eliminate_dead_code, preserved_buffers, topological
 from .pattern import Match, Pass, Pattern, Skip, default_passes, get_pass
 from .report import KeptClass, PassReport, Report
@@ -86,7 +86,7 @@ def _optimize(
     keep_class: bool,
 ) -> torch.nn.Module:
     captured = capture(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-    gm = canonicalize(captured.module)
+    gm = canonicalize(captured.module, example_inputs)
     before = snapshot(gm) if keep_class else None
     report = Report(type(model).__name__, captured.frontend, notes=list(captured.notes))
     validator = _validator(gm, example_inputs) if verify else None
@@ -111,7 +111,9 @@ def _optimize(
         if rejection is not None:
             raise rejection
         if kept is not None and not report.verification.passed:
-            result = _generated_instead(model, example_inputs, kept, gm, rewriter, inplace, report)
+            result = _generated_instead(model, example_inputs, gm, rewriter, inplace, report)
+        if not report.verification.passed:
+            raise _verification_error(model, report)
     result.report = report
     return result
 
@@ -139,18 +141,18 @@ def _kept_class(
 
 
 def _generated_instead(
-    model: torch.nn.Module, example_inputs: tuple, kept: torch.nn.Module, gm: GraphModule, rewriter: Rewriter,
-    inplace: bool, report: Report,
-) -> torch.nn.Module:
+    model: torch.nn.Module, example_inputs: tuple, gm: GraphModule, rewriter: Rewriter, inplace: bool,
+    report: Report,
+) -> torch.nn.Module | None:
     """The kept-class copy failed the whole-model check. When the generated module passes it, a swap
     went wrong (or the model's Python does something its graph does not show): return the generated
-    module and say so. When both fail, the passes are at fault and the report already says so."""
+    module and say so. When both fail, the passes are at fault: None."""
     from fxopt.equivalence import verify as verify_models
 
     generated = _generated(model, gm, rewriter, inplace)
     check = verify_models(model, generated, example_inputs, examples=3)
     if not check.passed:
-        return kept
+        return None
     failure = " ".join(str(report.verification).splitlines()[:2])
     report.kept_class = KeptClass(
         fallback=f"the copy of {type(model).__name__} with the rewritten submodules swapped in failed the "
@@ -158,6 +160,20 @@ def _generated_instead(
     )
     report.verification = check
     return generated
+
+
+def _verification_error(model: torch.nn.Module, report: Report) -> VerificationError:
+    check = report.verification
+    what = "could not run" if check.exception else "failed"
+    return VerificationError(
+        f"fxopt.optimize did not return a model for {type(model).__name__}: the whole-model check of the "
+        f"result {what}, so it may not compute what the model computes.\n{check}\n"
+        "What you can do: fxopt.bisect(model, example_inputs) names the first pass and rewrite after which the "
+        "model stops verifying; pass passes=[...] without it; please report it with the model "
+        "(error.verification.save_counterexample(path) saves the failing input).\n" + str(report),
+        report,
+        check,
+    )
 
 
 def _rejection(model: torch.nn.Module, example_inputs: tuple) -> InputError | None:
@@ -241,6 +257,11 @@ def _apply(
     replacements = replacement if isinstance(replacement, dict) else {match.root: replacement}
     matched = topological(match.nodes.values())
     created = list(rewriter.created)
+    moves = rewriter.metadata_moves(replacements, matched)
+    if isinstance(moves, str):
+        rewriter.rollback()
+        stats.skipped.append((match.root.name, moves))
+        return False
     if validator is not None:
         check = validator.check(matched, replacements, created)
         if not check.passed:

@@ -22,5 +22,16 @@ class InputError(FxoptError, TypeError):
     """example_inputs do not fit the model."""
 
 
+class VerificationError(FxoptError):
+    """``optimize`` made a model that does not compute what the original computes, or whose check
+    could not run: it is not returned. ``report`` says what each pass did; ``verification`` holds
+    the errors and the counterexample (``verification.save_counterexample(path)`` saves it)."""
+
+    def __init__(self, message: str, report: object, verification: object):
+        super().__init__(message)
+        self.report = report
+        self.verification = verification
+
+
 class SaveError(FxoptError):
     """A module that cannot be saved as source plus safetensors, or a saved folder that does not load."""

@@ -112,6 +112,7 @@ def install_attributes(root: torch.nn.Module, attributes: dict[str, Any]) -> Non
             if part not in owner._modules:
                 owner.add_module(part, torch.nn.Module())
             owner = owner._modules[part]
+        owner.__dict__.pop(leaf, None)  # torch.export keeps lifted constants as plain attributes
         if isinstance(value, torch.nn.Parameter):
             owner.register_parameter(leaf, value)
         elif isinstance(value, torch.Tensor):
@@ -207,6 +208,8 @@ def run_nodes(
         for n in topological(nodes):
             args = torch.fx.node.map_arg(n.args, load)
             kwargs = torch.fx.node.map_arg(n.kwargs, load)
+            if dtype is not None and isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"].is_floating_point:
+                kwargs = {**kwargs, "dtype": dtype}  # a tensor the model makes as float32 (torch.zeros(..., dtype=...))
             if n.op == "get_attr":
                 values[n] = constant(n)
             elif n.op == "call_function":

@@ -133,7 +133,7 @@ def calibrate(
 
     if method not in ("minmax", "percentile"):
         raise ValueError(f"method must be 'minmax' or 'percentile', got {method!r}")
-    gm = canonicalize(capture(copy.deepcopy(model), example_inputs).module)
+    gm = canonicalize(capture(copy.deepcopy(model), example_inputs).module, example_inputs)
     sites = [n for n in gm.graph.nodes if LAYER_NORM(n) or _is_softmax(n)]
     batches = [b if isinstance(b, tuple) else (b,) for b in data]
     if not batches:

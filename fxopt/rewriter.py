@@ -17,6 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .interpret import attribute, record_shapes
+from .metadata import reads_only_metadata, same_metadata
 from .ops import Op
 
 
@@ -213,13 +214,36 @@ class Rewriter:
 
     # -- the transaction ---------------------------------------------------------------------------
 
+    def metadata_moves(self, replacements: dict[Node, Node], matched: list[Node]) -> dict[Node, Node] | str:
+        """Where the metadata reads of matched nodes go once the match is replaced: {node: the
+        replacement whose value has its shape and dtype}, for every node that only metadata reads
+        outside the match keep alive (a ``x.ndim`` assert on the conv output a fold removes). A
+        string says why a read cannot move (no replacement has that node's shape): the rewrite
+        would keep the node computing for it, so it is not made."""
+        members, moves = set(matched), {}
+        for node in matched:
+            outside = [u for u in node.users if u not in members]
+            if node in replacements or not outside or not all(reads_only_metadata(u, node) for u in outside):
+                continue
+            self.shape(node)  # records shapes if they are missing
+            target = next((new for old, new in replacements.items() if same_metadata(node, old)), None)
+            if target is None:
+                return (f"{outside[0].name} reads the shape of {node.name}, which the rewrite removes, and no "
+                        "replacement has the same shape")
+            moves[node] = target
+        return moves
+
     def commit(self, replacements: dict[Node, Node], matched: list[Node]) -> None:
-        """Hand each replaced node's uses to its replacement and erase what is left dead."""
+        """Hand each replaced node's uses to its replacement, move metadata reads of the nodes it
+        removes (see metadata_moves: the driver has checked they can move) and erase what is left dead."""
         stamp_scopes(self.created, replacements, matched)
+        moves = self.metadata_moves(replacements, matched)
         for old, new in replacements.items():
             if "tensor_meta" in old.meta:
                 new.meta.setdefault("tensor_meta", old.meta["tensor_meta"])
             old.replace_all_uses_with(new)
+        for old, new in (moves.items() if isinstance(moves, dict) else ()):
+            old.replace_all_uses_with(new, delete_user_cb=lambda user: reads_only_metadata(user, old))
         for node in reversed(matched):
             self._erase_if_dead(node)
         if self._spare:

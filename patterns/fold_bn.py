@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch.fx import Node
 
 from fxopt.ops import BATCH_NORM, CONV, LINEAR
+from fxopt.metadata import value_users
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
 
@@ -72,7 +73,7 @@ def _weight_and_bias(
 
 
 def _single_user(node: Node, what: str) -> Skip | None:
-    n = len(node.users)
+    n = len(value_users(node))
     return Skip(f"{what} output has {n} users") if n != 1 else None
 
 

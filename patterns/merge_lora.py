@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from torch.fx import Node
 
 from fxopt.interpret import run_nodes
+from fxopt.metadata import value_users
 from fxopt.ops import ADD, ADDMM, CONV, DROPOUT, IDENTITY, LINEAR, MATMUL, MUL, SUB, layout_op
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
@@ -865,7 +866,9 @@ def _base_layer(layers: list[Node], merged: Form, rw: Rewriter) -> Node | None:
 
 def _check(root: Node, base: Node, region: set[Node], rw: Rewriter) -> Skip | None:
     for node in region:
-        if node is not root and any(user not in region for user in node.users):
+        # a node that only passes x on (an eval-mode dropout two adapters share) costs nothing if it stays
+        shared = node is not root and any(user not in region for user in value_users(node))
+        if shared and _passes_through(node, CONV(base)) is None:
             return Skip(f"{node.name}, inside the adapter, is also read outside it: merging would not remove it")
     meta, w = _meta(root), rw.constant(_layer_weight(base))
     if meta is None or meta.dtype != w.dtype:

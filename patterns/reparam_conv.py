@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from torch.fx import Node
 
 from fxopt.ops import ADD, AVG_POOLS, BATCH_NORM, CONV, IDENTITY, MUL, PAD_PER_CHANNEL
+from fxopt.metadata import value_users
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
 
@@ -123,7 +124,7 @@ def _reading_value_pad(node: Node, x: Node, branch: Branch, rw: Rewriter) -> Ste
 def _value_pad(pad: Node, rank: int, rw: Rewriter) -> tuple[Node, Ints, torch.Tensor | None] | None:
     """(input, symmetric padding, per-channel value or None for zeros) of a pad_per_channel node read
     by nothing else, with a constant value; None otherwise."""
-    if not PAD_PER_CHANNEL(pad) or len(pad.users) != 1:
+    if not PAD_PER_CHANNEL(pad) or len(value_users(pad)) != 1:
         return None
     widths, value = list(pad.kwargs["pad"]), rw.constant(pad.kwargs["value"])
     channels = _channels(pad, rw)
@@ -174,6 +175,9 @@ def _avg_pool_step(node: Node, rw: Rewriter) -> Step | Skip | None:
     channels = _channels(x, rw)
     if channels is None:
         return None
+    window = [k[name] for name in ("kernel_size", "stride", "padding")]
+    if not all(isinstance(v, tuple) and all(isinstance(i, int) for i in v) for v in window):
+        return Skip("average pooling whose window is computed from the input's size (x.size()): not a fixed conv")
     if k["ceil_mode"]:
         return Skip("average pooling with ceil_mode=True has partial windows at the border: no conv equals it")
     divisor_override = k.get("divisor_override")  # 1-D pooling has none
@@ -214,7 +218,7 @@ def trace(node: Node, rw: Rewriter) -> Traced | Skip:
         return step
     inner, branch, consumed = step
     cost = branch.macs_per_output() / math.prod(branch.stride)
-    if len(inner.users) != 1:
+    if len(value_users(inner)) != 1:
         return _ended(Traced(inner, branch, consumed, cost))
     below = trace(inner, rw)
     if isinstance(below, Skip):
@@ -375,7 +379,7 @@ def _add_terms(root: Node) -> tuple[list[Node], list[Node]]:
     """The adds of the chain ending at ``root`` (inner ones read by nothing else) and its operands."""
     adds, terms = [root], []
     for operand in root.args:
-        if isinstance(operand, Node) and ADD(operand) and len(operand.users) == 1:
+        if isinstance(operand, Node) and ADD(operand) and len(value_users(operand)) == 1:
             inner_adds, inner_terms = _add_terms(operand)
             adds += inner_adds
             terms += inner_terms
@@ -391,7 +395,7 @@ class ParallelBranches(Pattern):
     benefit = 2
 
     def match(self, node: Node, rw: Rewriter) -> Match | Skip | None:
-        if len(node.users) == 1 and ADD(next(iter(node.users))):
+        if len(value_users(node)) == 1 and ADD(value_users(node)[0]):
             return None  # the outermost add of the chain sees all summands
         adds, terms = _add_terms(node)
         if not all(isinstance(t, (Node, int, float)) for t in terms):
@@ -410,7 +414,7 @@ class ParallelBranches(Pattern):
 
     @staticmethod
     def _trace_term(term: Node, rw: Rewriter) -> Traced | Skip:
-        if len(term.users) != 1:
+        if len(value_users(term)) != 1:
             return Traced(term, None, (), 0.0)  # read elsewhere too: it stays, so it is the input
         return trace(term, rw)
 
