@@ -243,7 +243,8 @@ class Rewriter:
                 new.meta.setdefault("tensor_meta", old.meta["tensor_meta"])
             old.replace_all_uses_with(new)
         for old, new in (moves.items() if isinstance(moves, dict) else ()):
-            old.replace_all_uses_with(new, delete_user_cb=lambda user: reads_only_metadata(user, old))
+            moved = old.replace_all_uses_with(new, delete_user_cb=lambda user: reads_only_metadata(user, old))
+            _place_after(new, moved)
         for node in reversed(matched):
             self._erase_if_dead(node)
         if self._spare:
@@ -366,6 +367,21 @@ def stamp_scopes(created: list[Node], replacements: dict[Node, Node], matched: l
         if id(sources) not in common:  # these lists live until the end: their ids stay theirs
             common[id(sources)] = _common_scope(sources)
         node.meta[_SCOPE] = dict(common[id(sources)])
+
+
+def _place_after(anchor: Node, readers: list[Node]) -> None:
+    """Move ``readers`` (now reading ``anchor``), and what reads them, after ``anchor`` where they came
+    before it: a shape read of a conv output sits in front of the BatchNorm that the folded conv replaces."""
+    early, stack = set(), [r for r in readers if r < anchor]
+    while stack:
+        node = stack.pop()
+        if node not in early:
+            early.add(node)
+            stack.extend(u for u in node.users if u < anchor)
+    last = anchor
+    for node in sorted(early):
+        last.append(node)
+        last = node
 
 
 def _first_input(node: Node) -> Node | None:
