@@ -206,6 +206,7 @@ def apply_pass(
     stats = PassReport(p.name, nodes_before=_count_nodes(gm), params_before=_count_params(gm))
     patterns = sorted(p.patterns, key=lambda pat: -pat.benefit)
     worklist = deque(n for n in gm.graph.nodes if _anchors_a_pattern(n, patterns))
+    skipped: list[tuple[Node, str]] = []
     budget = 10 * len(gm.graph.nodes) + 100  # a correct pass shrinks or keeps the graph: this is ample
     while worklist:
         if stats.matched > budget:
@@ -227,12 +228,17 @@ def apply_pass(
             if found is None:
                 continue
             stats.matched += 1
-            if _apply(found, pattern, rewriter, validator, stats, worklist, patterns):
+            outcome = _apply(found, pattern, rewriter, validator, stats, worklist, patterns)
+            if isinstance(outcome, Skip):
+                skip = skip or outcome
+            elif outcome:
                 skip = None
                 break
         if skip is not None:
-            stats.skipped.append((node.name, skip.reason))
+            skipped.append((node, skip.reason))
     eliminate_dead_code(gm.graph)
+    # a node skipped once and rewritten later (a BatchNorm folded into the conv after it) is not left over
+    stats.skipped += [(node.name, reason) for node, reason in skipped if not getattr(node, "_erased", False)]
     stats.nodes_after, stats.params_after = _count_nodes(gm), _count_params(gm)
     return stats
 
@@ -250,8 +256,9 @@ def _apply(
     stats: PassReport,
     worklist: deque[Node],
     patterns: list[Pattern],
-) -> bool:
-    """Rewrite one match; validate it (when a validator is given), then commit or roll back."""
+) -> bool | Skip:
+    """Rewrite one match; validate it (when a validator is given), then commit (True) or roll back
+    (False: reported as rolled back; a Skip: a precondition only the built replacement shows)."""
     rewriter.begin(match.root)
     replacement = pattern.rewrite(match, rewriter)
     replacements = replacement if isinstance(replacement, dict) else {match.root: replacement}
@@ -260,8 +267,7 @@ def _apply(
     moves = rewriter.metadata_moves(replacements, matched)
     if isinstance(moves, str):
         rewriter.rollback()
-        stats.skipped.append((match.root.name, moves))
-        return False
+        return Skip(moves)
     if validator is not None:
         check = validator.check(matched, replacements, created)
         if not check.passed:

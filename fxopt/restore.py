@@ -593,6 +593,8 @@ class _Restorer:
 
     def _plan(self, key: str, given: dict[Node, Node], outs: dict[Node, Node], vanished: bool) -> _Plan:
         """Keep the call, or swap in what its optimized region became."""
+        if vanished and type(self.module(key)) is nn.Identity:
+            return _Keep(key, self.module(key))  # an identity that codegen dropped is still the identity
         if vanished:
             swap = self._as_identity(key)
             if isinstance(swap, _Swap):

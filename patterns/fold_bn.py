@@ -182,6 +182,39 @@ class BNThenLinear(Pattern):
         return _new_layer(rw, linear, weight * a[None, :], bias + weight @ c, bn.kwargs["input"])
 
 
+class UnfoldableBN(Pattern):
+    """Not a rewrite: tried after the folds, it says why a BatchNorm none of them matched stays
+    (every BatchNorm left in a model has a reason in the report)."""
+
+    anchor = BATCH_NORM
+    benefit = 0
+
+    def match(self, node: Node, rw: Rewriter) -> Skip:
+        problem = _as_skip(bn_affine(node, rw))
+        if problem is not None:
+            return problem
+        after = sorted({_what(u) for u in value_users(node)}) or ["the model's output"]
+        return Skip(f"follows {_what(node.kwargs['input'])} and feeds {', '.join(after)}: no conv or Linear "
+                    "next to it to fold into")
+
+    def rewrite(self, match: Match, rw: Rewriter) -> Node:
+        raise AssertionError("UnfoldableBN never matches")
+
+
+def _what(node: object) -> str:
+    """A short name for what computes ``node`` ("a model input", "cat", "relu", "nn.ReLU")."""
+    if not isinstance(node, Node):
+        return "a constant"
+    if node.op == "placeholder":
+        return "a model input"
+    if node.op == "output":
+        return "the model's output"
+    if node.op == "call_module":
+        return f"a {type(node.graph.owning_module.get_submodule(node.target)).__name__} module"
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return {"conv": "a conv", "linear": "a Linear", "batch_norm": "another BatchNorm"}.get(name, name)
+
+
 def _as_skip(result: object) -> Skip | None:
     return result if isinstance(result, Skip) else None
 
@@ -264,7 +297,7 @@ FOLD_BN = register(
     Pass(
         name="fold_bn",
         description="Fold inference-mode BatchNorm into the adjacent conv, transposed conv or Linear",
-        patterns=(ConvThenBN(), LinearThenBN(), BNThenConv(), BNThenLinear()),
+        patterns=(ConvThenBN(), LinearThenBN(), BNThenConv(), BNThenLinear(), UnfoldableBN()),
         instances=fold_bn_instances,
     )
 )
