@@ -777,6 +777,7 @@ class _Restorer:
         graph.output(result)
         fresh = {_relative(name, prefix) for name in self.fresh}
         generated = finalize(GraphModule(attributes, graph), f"Optimized{type(module).__name__}", fresh, self.inplace)
+        _carry_attributes(module, generated)
         what = f"a generated module ({type(generated).__name__})"
         if self.exported:
             what += ", specialised to the example input shapes (captured with torch.export)"
@@ -984,6 +985,14 @@ class _Restorer:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the plain attributes of the module it replaces (``self.resolution``, ``self.num_heads``):
+    the model's own Python, which keeps running around it, may read them (timm's EfficientViT does)."""
+    for name, value in vars(old).items():
+        if not name.startswith("_") and name != "training" and not hasattr(new, name):
+            setattr(new, name, value)
 
 
 def _class_name(module: nn.Module) -> str:

@@ -340,3 +340,17 @@ def test_fake_quantizer_axis_from_rank_arithmetic_is_canonical() -> None:
     gm = canonicalize(fxopt.capture(PerChannel(), (x,)).module, (x,))
     (quantizer,) = [n for n in gm.graph.nodes if FAKE_QUANT_PER_CHANNEL(n)]
     assert quantizer.kwargs["axis"] == 2
+
+
+def test_a_generated_module_keeps_the_attributes_the_model_reads() -> None:
+    """timm's EfficientViT reads ``attn.resolution`` in its own forward(): the module swapped in for
+    the attention keeps it."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomized(timm.create_model("efficientvit_m0", pretrained=False))
+    x = torch.randn(1, 3, 224, 224)
+    result = fxopt.optimize(model, (x,), verify=False)
+    attn = result.stages[0].blocks[0].mixer.m.attn
+    assert type(attn).__name__ == "OptimizedCascadedGroupAttention", str(result.report)
+    assert attn.resolution == model.stages[0].blocks[0].mixer.m.attn.resolution
+    torch.testing.assert_close(result(x), model(x), rtol=1e-4, atol=1e-4)
