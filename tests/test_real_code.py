@@ -15,24 +15,15 @@ from torch.fx import Node
 
 import fxopt
 from fxopt.canonical import canonicalize
+from fxopt.examples import randomize_batch_norms
 from fxopt.ops import CONV, FAKE_QUANT_PER_CHANNEL
 from fxopt.pattern import Match, Pass, Pattern
 from tests.generated import optimize_to_graph
 
 
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomized(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics and affines (fresh ones make every fold exact), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(1 + 0.3 * torch.randn(n, generator=g))
-                    m.bias.copy_(0.2 * torch.randn(n, generator=g))
-    return model.eval()
+    return randomize_batch_norms(model).eval()
 
 
 def aten_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
