@@ -579,6 +579,11 @@ class _Restorer:
         output1 = next(iter(self.gm.graph.find_nodes(op="output")))
         plan = self._keep(ROOT, ROOT, None, {}, [(output0.args, output1.args)])
         self._check_recomputed(plan)
+        if plan.recomputed:
+            self.notes.append(
+                f"{type(self.model).__name__}'s own forward() computes again, on every call, what the passes folded "
+                f"to constants ({_describe(plan.recomputed[0])}); the generated module (keep_class=False) does not"
+            )
         return self._assemble(plan)
 
     def _keep(self, key0: str, key1: str, skip: str | None, given: dict[Node, Node],

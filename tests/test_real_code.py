@@ -213,6 +213,8 @@ def test_a_kernel_built_by_index_writes_folds_to_a_constant() -> None:
     calls = [n for n in result.graph.nodes if n.op in ("call_function", "call_method")]
     assert len(calls) == 1 and "conv" in str(calls[0].target), result.code
     torch.testing.assert_close(result(x), model(x))
+    # the user's class runs its own forward(), which builds the kernel again: the report says so
+    assert "computes again, on every call, what the passes folded" in str(fxopt.optimize(model, (x,)).report)
 
 
 # -- modules: SyncBatchNorm, hooks, buffers written in forward ---------------------------------------------
