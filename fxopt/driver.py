@@ -278,7 +278,9 @@ def _apply(
         stats.max_rel_error = max(stats.max_rel_error, check.max_rel_error)
     rewriter.commit(replacements, matched)
     stats.applied += 1
-    worklist.extend(n for n in created if _anchors_a_pattern(n, patterns))
+    # the new nodes, and the nodes now reading them (a BatchNorm after a sum just merged into a conv)
+    readers = [u for new in replacements.values() if not getattr(new, "_erased", False) for u in new.users]
+    worklist.extend(n for n in (*created, *readers) if _anchors_a_pattern(n, patterns))
     return True
 
 

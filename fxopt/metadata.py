@@ -47,6 +47,8 @@ _FUNCTIONS = frozenset({
     aten.sym_stride.default, aten.sym_storage_offset.default, aten.dim.default,
 })
 _RANK_METHODS = frozenset({"dim", "ndimension"})
+# y.reshape_as(x) reads x's shape only (timm's LinearNorm: bn(x.flatten(0, 1)).reshape_as(x))
+_TEMPLATE_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
 
 # pure Python operations on ints, bools and tuples: evaluated once their operands are constants
 _PURE_PYTHON = frozenset({
@@ -60,7 +62,10 @@ _ASSERTS = frozenset({torch._assert})
 
 def reads_only_metadata(user: Node, value: Node) -> bool:
     """True when ``user`` reads nothing of ``value`` but its metadata (``value.ndim``, ``value.shape``,
-    ``value.size(1)``, ``value.dtype``, ``len(value)``, ``torch.numel(value)``)."""
+    ``value.size(1)``, ``value.dtype``, ``len(value)``, ``torch.numel(value)``, or ``value`` as the
+    shape template of ``y.reshape_as(value)``)."""
+    if user.op == "call_method" and user.target in _TEMPLATE_METHODS and user.args[1:] == (value,):
+        return user.args[0] is not value and not user.kwargs
     if not (user.args and user.args[0] is value) or value in user.args[1:] or value in user.kwargs.values():
         return False
     if user.op == "call_method":

@@ -208,6 +208,13 @@ class Rewriter:
             owner = getattr(owner, part)
         return owner
 
+    def has_metadata_of(self, new: Node, old: Node) -> None:
+        """Declare that the new node ``new`` computes a value of ``old``'s shape and dtype (a folded
+        layer in the place of the old one), so reads of ``old``'s shape can move to it at commit."""
+        self.shape(old)
+        if "tensor_meta" in old.meta:
+            new.meta["tensor_meta"] = old.meta["tensor_meta"]
+
     def note(self, text: str) -> None:
         """A message for the report, kept only if this rewrite is committed."""
         self._pending_notes.append(text)
@@ -226,7 +233,8 @@ class Rewriter:
             if node in replacements or not outside or not all(reads_only_metadata(u, node) for u in outside):
                 continue
             self.shape(node)  # records shapes if they are missing
-            target = next((new for old, new in replacements.items() if same_metadata(node, old)), None)
+            candidates = [*((old, new) for old, new in replacements.items()), *((n, n) for n in self.created)]
+            target = next((new for like, new in candidates if same_metadata(node, like)), None)
             if target is None:
                 return (f"{outside[0].name} reads the shape of {node.name}, which the rewrite removes, and no "
                         "replacement has the same shape")

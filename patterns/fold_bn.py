@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch.fx import Node
 
-from fxopt.ops import BATCH_NORM, CONV, LINEAR
+from fxopt.ops import BATCH_NORM, CONV, LINEAR, layout_op
 from fxopt.metadata import value_users
 from fxopt.pattern import Match, Pass, Pattern, Skip, register
 from fxopt.rewriter import Rewriter, bias_name
@@ -106,28 +106,49 @@ class ConvThenBN(Pattern):
 
 
 class LinearThenBN(Pattern):
-    """Linear -> BatchNorm1d on (N, C): the BN's channel axis is the Linear's output axis."""
+    """Linear -> BatchNorm1d on (N, C): the BN's channel axis is the Linear's output axis. Also through
+    a reshape that only merges the leading axes (timm's LinearNorm: ``bn(linear(x).flatten(0, 1))``)."""
 
     anchor = BATCH_NORM
 
     def match(self, node: Node, rw: Rewriter) -> Match | Skip | None:
-        linear = node.kwargs["input"]
+        linear, rows = node.kwargs["input"], None
         if not LINEAR(linear):
-            return None
-        shape = rw.shape(linear)
+            rows, linear = linear, _rows_of(linear, rw)
+            if linear is None:
+                return None
+        shape = rw.shape(linear if rows is None else rows)
         if shape is None or len(shape) != 2:
             return Skip(
                 "Linear -> BatchNorm1d on a 3-D input: the BatchNorm normalizes axis 1 but the Linear "
                 "writes the last axis"
             )
-        problem = _single_user(linear, "Linear") or _foldable_weights(linear, rw, "Linear")
-        return problem or _as_skip(bn_affine(node, rw)) or Match(node, {"linear": linear, "bn": node})
+        problem = (_single_user(linear, "Linear") or (rows is not None and _single_user(rows, "reshape"))
+                   or _foldable_weights(linear, rw, "Linear"))
+        nodes = {"linear": linear, "bn": node, **({"rows": rows} if rows is not None else {})}
+        return problem or _as_skip(bn_affine(node, rw)) or Match(node, nodes)
 
     def rewrite(self, match: Match, rw: Rewriter) -> Node:
         linear, bn = match.nodes["linear"], match.nodes["bn"]
         a, c = bn_affine(bn, rw)
         weight, bias = _weight_and_bias(linear, rw, a.numel())
-        return _new_layer(rw, linear, weight * a[:, None].to(weight.dtype), bias * a + c, linear.kwargs["input"])
+        folded = _new_layer(rw, linear, weight * a[:, None].to(weight.dtype), bias * a + c, linear.kwargs["input"])
+        rows = match.nodes.get("rows")
+        if rows is None:
+            return folded
+        rw.has_metadata_of(folded, linear)  # the template of LinearNorm's reshape_as(linear output)
+        build = rw.call_method if rows.op == "call_method" else rw.call_function
+        return build(rows.target, folded, *rows.args[1:], **rows.kwargs)
+
+
+def _rows_of(view: object, rw: Rewriter) -> Node | None:
+    """The Linear whose (..., C) output ``view`` reshapes to (M, C), keeping every row whole."""
+    if layout_op(view) not in ("flatten", "reshape", "view", "_unsafe_view") or not LINEAR(view.args[0]):
+        return None
+    before, after = rw.shape(view.args[0]), rw.shape(view)
+    if before is None or after is None or len(after) != 2 or after[-1] != before[-1]:
+        return None
+    return view.args[0]
 
 
 class BNThenConv(Pattern):

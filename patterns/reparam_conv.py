@@ -210,7 +210,8 @@ def linear_step(node: Node, rw: Rewriter) -> Step | Skip | None:
 
 
 def trace(node: Node, rw: Rewriter) -> Traced | Skip:
-    """Follow linear steps from ``node`` down through inputs read by nothing else, composing them."""
+    """Follow linear steps from ``node`` down through inputs read by nothing else, composing them as
+    far as they compose."""
     step = linear_step(node, rw)
     if step is None:
         return Traced(node, None, (), 0.0)
@@ -221,15 +222,28 @@ def trace(node: Node, rw: Rewriter) -> Traced | Skip:
     if len(value_users(inner)) != 1:
         return _ended(Traced(inner, branch, consumed, cost))
     below = trace(inner, rw)
-    if isinstance(below, Skip):
-        return below
-    if below.branch is None:
+    if isinstance(below, Traced) and below.branch is None:
         return _ended(Traced(inner, branch, consumed, cost))
-    composed = compose(below.branch, branch)
+    composed = compose(below.branch, branch) if isinstance(below, Traced) else below
     if isinstance(composed, Skip):
-        return composed
+        # the chain below does not compose (two spatial convs): compose with the step right below
+        # alone, so a BatchNorm still folds into the conv before it; else the reason stands
+        below = _one_step(inner, rw)
+        composed = compose(below.branch, branch) if below is not None else composed
+        if isinstance(composed, Skip):
+            return composed
     cost = below.cost + cost / math.prod(below.branch.stride)
     return Traced(below.x, composed, (*consumed, *below.nodes), cost)
+
+
+def _one_step(node: Node, rw: Rewriter) -> Traced | None:
+    """``node`` as the one linear step it is of its own input (None where that is not a plain conv of it)."""
+    step = linear_step(node, rw)
+    if step is None or isinstance(step, Skip):
+        return None
+    inner, branch, consumed = step
+    traced = _ended(Traced(inner, branch, consumed, branch.macs_per_output() / math.prod(branch.stride)))
+    return traced if isinstance(traced, Traced) else None
 
 
 def _ended(traced: Traced) -> Traced | Skip:
@@ -511,8 +525,8 @@ class SequentialConvs(Pattern):
         traced = trace(node, rw)
         if isinstance(traced, Skip):
             return traced if CONV(node.kwargs["input"]) or PAD_PER_CHANNEL(node.kwargs["input"]) else None
-        if len(traced.nodes) < 2:
-            return None
+        if len(traced.nodes) < 2 or not any(CONV(n) for n in traced.nodes):
+            return None  # one step, or BN / pool steps only (from a BatchNorm anchor): no conv to merge into
         merged_cost = traced.branch.macs_per_output() / math.prod(traced.branch.stride)
         if merged_cost > traced.cost:
             return None  # e.g. a depthwise conv then a 1x1: exact, but slower as one dense conv
@@ -521,6 +535,13 @@ class SequentialConvs(Pattern):
     def rewrite(self, match: Match, rw: Rewriter) -> Node:
         traced = match.facts
         return _merged_conv(rw, traced.x, traced.branch, list(traced.nodes))
+
+
+class SequentialIntoBN(SequentialConvs):
+    """The same, ending in a BatchNorm: one that follows a sum this pass has just merged into a conv
+    (RepViT's ``bn(conv(x) + conv1(x) + x)``), which fold_bn, run before, could not see."""
+
+    anchor = BATCH_NORM
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +643,7 @@ REPARAM_CONV = register(
         name="reparam_conv",
         description="Merge parallel conv branches (RepVGG, ACNet, DBB, MobileOne, RepLKNet) and sequential "
         "pointwise/spatial convs into one conv",
-        patterns=(ParallelBranches(), SequentialConvs()),
+        patterns=(ParallelBranches(), SequentialConvs(), SequentialIntoBN()),
         instances=reparam_instances,
     )
 )

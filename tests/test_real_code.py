@@ -347,3 +347,52 @@ def test_a_generated_module_keeps_the_attributes_the_model_reads() -> None:
     assert type(attn).__name__ == "OptimizedCascadedGroupAttention", str(result.report)
     assert attn.resolution == model.stages[0].blocks[0].mixer.m.attn.resolution
     torch.testing.assert_close(result(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# -- BatchNorms timm writes where fold_bn alone cannot see them --------------------------------------------
+
+
+class RepVggDwAfterStem(nn.Module):
+    """RepViT's token mixer: ``bn(conv(x) + conv1(x) + x)`` read twice by a squeeze-excite, after a
+    strided 3x3 stem (so the chain below the merged conv does not compose further)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.conv1 = nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn(self.conv(x) + self.conv1(x) + x)
+        return y * y.mean((2, 3), keepdim=True).sigmoid()
+
+
+def test_a_batch_norm_after_a_merged_sum_folds_into_the_merged_conv() -> None:
+    model = randomized(RepVggDwAfterStem())
+    x = torch.randn(2, 3, 16, 16)
+    result = optimize_to_graph(model, (x,))
+    assert convs_and_norms(result, x) == (2, 0), result.code
+    torch.testing.assert_close(result(x), model(x))
+
+
+class LinearNorm(nn.Module):
+    """timm's LeViT: a Linear, then BatchNorm1d over its output rows, flattened and reshaped back."""
+
+    def __init__(self, fin: int = 6, fout: int = 5):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(fin, fout, bias=False), nn.BatchNorm1d(fout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_linear_then_batch_norm_over_flattened_rows_folds() -> None:
+    model = randomized(LinearNorm())
+    x = torch.randn(2, 7, 6)
+    result = optimize_to_graph(model, (x,))
+    assert not [n for n in result.graph.nodes if "batch_norm" in str(n.target)], result.code
+    other = torch.randn(3, 4, 6)  # another batch and token count
+    torch.testing.assert_close(result(other), model(other))
