@@ -210,8 +210,7 @@ def linear_step(node: Node, rw: Rewriter) -> Step | Skip | None:
 
 
 def trace(node: Node, rw: Rewriter) -> Traced | Skip:
-    """Follow linear steps from ``node`` down through inputs read by nothing else, composing them as
-    far as they compose."""
+    """Follow linear steps from ``node`` down through inputs read by nothing else, composing them."""
     step = linear_step(node, rw)
     if step is None:
         return Traced(node, None, (), 0.0)
@@ -226,24 +225,9 @@ def trace(node: Node, rw: Rewriter) -> Traced | Skip:
         return _ended(Traced(inner, branch, consumed, cost))
     composed = compose(below.branch, branch) if isinstance(below, Traced) else below
     if isinstance(composed, Skip):
-        # the chain below does not compose (two spatial convs): compose with the step right below
-        # alone, so a BatchNorm still folds into the conv before it; else the reason stands
-        below = _one_step(inner, rw)
-        composed = compose(below.branch, branch) if below is not None else composed
-        if isinstance(composed, Skip):
-            return composed
+        return composed
     cost = below.cost + cost / math.prod(below.branch.stride)
     return Traced(below.x, composed, (*consumed, *below.nodes), cost)
-
-
-def _one_step(node: Node, rw: Rewriter) -> Traced | None:
-    """``node`` as the one linear step it is of its own input (None where that is not a plain conv of it)."""
-    step = linear_step(node, rw)
-    if step is None or isinstance(step, Skip):
-        return None
-    inner, branch, consumed = step
-    traced = _ended(Traced(inner, branch, consumed, branch.macs_per_output() / math.prod(branch.stride)))
-    return traced if isinstance(traced, Traced) else None
 
 
 def _ended(traced: Traced) -> Traced | Skip:

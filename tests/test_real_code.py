@@ -353,8 +353,7 @@ def test_a_generated_module_keeps_the_attributes_the_model_reads() -> None:
 
 
 class RepVggDwAfterStem(nn.Module):
-    """RepViT's token mixer: ``bn(conv(x) + conv1(x) + x)`` read twice by a squeeze-excite, after a
-    strided 3x3 stem (so the chain below the merged conv does not compose further)."""
+    """RepViT's token mixer: ``bn(conv(x) + conv1(x) + x)`` read twice by a squeeze-excite."""
 
     def __init__(self, c: int = 8):
         super().__init__()
@@ -364,7 +363,7 @@ class RepVggDwAfterStem(nn.Module):
         self.bn = nn.BatchNorm2d(c)
 
     def forward(self, x):
-        x = self.stem(x)
+        x = torch.relu(self.stem(x))
         y = self.bn(self.conv(x) + self.conv1(x) + x)
         return y * y.mean((2, 3), keepdim=True).sigmoid()
 
