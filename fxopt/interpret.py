@@ -208,14 +208,15 @@ def run_nodes(
         for n in topological(nodes):
             args = torch.fx.node.map_arg(n.args, load)
             kwargs = torch.fx.node.map_arg(n.kwargs, load)
-            if dtype is not None and isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"].is_floating_point:
-                kwargs = {**kwargs, "dtype": dtype}  # a tensor the model makes as float32 (torch.zeros(..., dtype=...))
+            if dtype is not None:  # casts and tensors the model pins to float32 (x.float(), torch.zeros(..., dtype=))
+                args, kwargs = _widened_casts(n, args, kwargs, dtype)
             if n.op == "get_attr":
                 values[n] = constant(n)
             elif n.op == "call_function":
                 values[n] = n.target(*args, **kwargs)
             elif n.op == "call_method":
-                values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                method = "to" if dtype is not None and n.target in _NARROWING_METHODS else n.target
+                values[n] = getattr(args[0], method)(*args[1:], **kwargs)
             elif n.op == "call_module":
                 module = attribute(gm, n.target)
                 if dtype is not None:
@@ -224,6 +225,20 @@ def run_nodes(
             else:
                 raise ValueError(f"cannot evaluate {n.op} node {n.name} outside its graph")
     return values
+
+
+_NARROWING_METHODS = {"float", "half", "bfloat16"}
+
+
+def _widened_casts(n: Node, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """``n``'s arguments with every floating dtype it names replaced by ``dtype``, and ``x.float()``
+    read as ``x.to(dtype)``: in the float64 run, a model's own float32 casts would narrow it again."""
+    def wide(value: Any) -> Any:
+        return dtype if isinstance(value, torch.dtype) and value.is_floating_point else value
+
+    if n.op == "call_method" and n.target in _NARROWING_METHODS and not kwargs:
+        return (args[0], dtype), {}
+    return tuple(map(wide, args)), {k: wide(v) for k, v in kwargs.items()}
 
 
 def _module_in(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

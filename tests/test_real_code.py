@@ -395,3 +395,27 @@ def test_linear_then_batch_norm_over_flattened_rows_folds() -> None:
     assert not [n for n in result.graph.nodes if "batch_norm" in str(n.target)], result.code
     other = torch.randn(3, 4, 6)  # another batch and token count
     torch.testing.assert_close(result(other), model(other))
+
+
+def test_rewrites_of_code_that_casts_to_float32_are_validated() -> None:
+    """A constant built with ``.float()`` and a float32 factory (timm's rotary tables): validating
+    its fold runs it in float64, where those casts would narrow the oracle back to float32."""
+
+    class PinnedTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.freq = nn.Parameter(torch.rand(4) + 0.5)
+            self.phase = nn.Parameter(torch.rand(3))
+
+        def forward(self, x):
+            # float64 phase (widened) times float32 freq (the model's own cast): matmul refuses mixed dtypes
+            table = self.freq.float()[:, None] @ (self.phase + torch.arange(3, dtype=torch.float32))[None, :]
+            return x @ table.sin()
+
+    torch.manual_seed(0)
+    model = PinnedTable().eval()
+    x = torch.randn(2, 4)
+    result = optimize_to_graph(model, (x,), passes=["fold_constants"])
+    folds = result.report.passes[0]
+    assert folds.applied == 1 and folds.verified == 1 and not folds.rolled_back, str(result.report)
+    torch.testing.assert_close(result(x), model(x))
