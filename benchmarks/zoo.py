@@ -70,7 +70,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_reparam import interleaved_times, median_ratio  # noqa: E402
-from zoo_models import CI_MODELS, all_models, describe_size, parameters, prepare, resolve  # noqa: E402
+from zoo_models import CI_MODELS, all_models, float_leaves, describe_size, parameters, prepare, resolve  # noqa: E402
 
 Row = dict[str, Any]
 REPARAM_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
@@ -116,24 +116,13 @@ def count_ops(model: nn.Module, args: tuple) -> dict[str, int]:
             "layer_norm": total("layer_norm"), "total": sum(ops.values())}
 
 
-def _leaves(out: object) -> list[torch.Tensor]:
-    """The floating tensors of an output (tensors, tuples, dicts, transformers' ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _leaves(v)]
-    return []
-
-
 def _double(args: tuple) -> tuple:
     return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _run(model: nn.Module, args: tuple) -> list[torch.Tensor]:
     with torch.no_grad():
-        return _leaves(model(*args))
+        return float_leaves(model(*args))
 
 
 def _max_abs_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:

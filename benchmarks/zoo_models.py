@@ -232,18 +232,19 @@ def _failure(model: nn.Module, args: tuple) -> str | None:
             out = model(*args)
     except Exception as error:  # noqa: BLE001 - any failure means: not at this size
         return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-    if not all(torch.isfinite(t).all() for t in _tensors(out)):
+    if not all(torch.isfinite(t).all() for t in float_leaves(out)):
         return "the output is not finite"
     return None
 
 
-def _tensors(out: object) -> list[torch.Tensor]:
+def float_leaves(out: object) -> list[torch.Tensor]:
+    """The floating tensors of an output (tensors, tuples, dicts, transformers' ModelOutput)."""
     if isinstance(out, torch.Tensor):
         return [out] if out.is_floating_point() else []
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
+        return [t for v in out.values() for t in float_leaves(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
+        return [t for v in out for t in float_leaves(v)]
     return []
 
 
@@ -380,5 +381,5 @@ def describe_size(size: tuple[int, int] | int | None) -> str:
     return f"{size[0]}x{size[1]}" if isinstance(size, tuple) else f"len {size}"
 
 
-__all__ = ["CI_MODELS", "Prepared", "all_models", "prepare", "resolve", "randomize_norms", "timm_smallest",
+__all__ = ["CI_MODELS", "float_leaves", "Prepared", "all_models", "prepare", "resolve", "randomize_norms", "timm_smallest",
            "torchvision_models", "hf_models", "parameters", "describe_size"]
