@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 ORACLE_FACTOR: float = 4.0
@@ -324,48 +323,3 @@ def _nan_to_inf(errors: torch.Tensor) -> torch.Tensor:
 def _max_or_zero(values: torch.Tensor) -> float:
     """Largest value of a real tensor, 0.0 when it is empty."""
     return float(values.max()) if values.numel() else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# running a float64 copy of a model
-
-
-class _Float64Kernels(TorchFunctionMode):
-    """Lets a float64 copy of a model run code written for float32.
-
-    * Models pin dtypes in their own code: scratch tensors made as float32 (``torch.zeros(...,
-      dtype=torch.float32)``), casts such as ``x.float()`` around a softmax. In the oracle those
-      become float64, or the copy would mix dtypes (and raise) or compute part of itself in float32.
-    * torch's fake-quantizers compute with a float32 scale whatever the input's dtype, so the oracle
-      hands them that float32 scale (the value the float32 model uses) and a float64 input.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in _FLOAT32_SCALE and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            args = (args[0], args[1].float(), *args[2:])
-        elif func in _FLOAT32_SCALE and isinstance(kwargs.get("scale"), torch.Tensor):
-            kwargs["scale"] = kwargs["scale"].float()
-        elif func in _NARROWING_CASTS:
-            return args[0].double()
-        elif func in _CONVERSIONS:
-            args = tuple(torch.float64 if _narrow_float(a) else a for a in args)
-            if _narrow_float(kwargs.get("dtype")):
-                kwargs["dtype"] = torch.float64
-        elif _narrow_float(kwargs.get("dtype")):  # a factory: torch.zeros(..., dtype=torch.float32)
-            kwargs["dtype"] = torch.float64
-        return func(*args, **kwargs)
-
-
-_FLOAT32_SCALE = {torch.fake_quantize_per_channel_affine, torch.fake_quantize_per_tensor_affine}
-_NARROWING_CASTS = {torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
-_CONVERSIONS = {torch.Tensor.to, torch.Tensor.type}
-
-
-def _narrow_float(dtype: object) -> bool:
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float64
-
-
-def float64_kernels() -> TorchFunctionMode:
-    """A context in which a model converted with ``.double()`` runs in float64 (see _Float64Kernels)."""
-    return _Float64Kernels()

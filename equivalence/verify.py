@@ -22,10 +22,10 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxopt.interpret import preserved_buffers
+from fxopt.interpret import float64_kernels, preserved_buffers
 
 from .inputs import input_strategy, with_layout_of
-from .oracle import LeafError, compare, float64_kernels, max_errors, perturb
+from .oracle import LeafError, compare, max_errors, perturb
 
 Model = nn.Module | Callable[..., Any]
 

@@ -32,8 +32,9 @@ def canonicalize(gm: GraphModule, example_inputs: tuple | None = None) -> GraphM
 
     With ``example_inputs``, what the capture fixed is made constant first (ranks, arithmetic on
     them, asserts they satisfy: see fxopt.metadata), so that ``assert x.ndim == 4`` leaves nothing
-    behind that a pattern would count as a user. Afterwards ``gm`` holds the tensors and modules its graph reads in containers of its own, so
-    rewrites never touch the captured model's modules (which are the user's)."""
+    behind that a pattern would count as a user. Afterwards ``gm`` holds the tensors and modules its
+    graph reads in containers of its own, so rewrites never touch the captured model's modules
+    (which are the user's)."""
     graph = gm.graph
     release_erased_nodes(gm)  # for every stage that erases nodes from here on, until codegen
     if example_inputs is not None:

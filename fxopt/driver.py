@@ -276,7 +276,7 @@ def _apply(
             return False
         stats.verified += 1
         stats.max_rel_error = max(stats.max_rel_error, check.max_rel_error)
-    rewriter.commit(replacements, matched)
+    rewriter.commit(replacements, matched, moves)
     stats.applied += 1
     # the new nodes, and the nodes now reading them (a BatchNorm after a sum just merged into a conv)
     readers = [u for new in replacements.values() if not getattr(new, "_erased", False) for u in new.users]

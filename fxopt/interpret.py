@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 
@@ -204,19 +205,18 @@ def run_nodes(
             return cast(constants(value))
         return cast(value)
 
-    with torch.no_grad():
+    # in float64, the model's own float32 casts and factories are widened too (see _Float64Kernels)
+    kernels = float64_kernels() if dtype is torch.float64 else contextlib.nullcontext()
+    with torch.no_grad(), kernels:
         for n in topological(nodes):
             args = torch.fx.node.map_arg(n.args, load)
             kwargs = torch.fx.node.map_arg(n.kwargs, load)
-            if dtype is not None:  # casts and tensors the model pins to float32 (x.float(), torch.zeros(..., dtype=))
-                args, kwargs = _widened_casts(n, args, kwargs, dtype)
             if n.op == "get_attr":
                 values[n] = constant(n)
             elif n.op == "call_function":
                 values[n] = n.target(*args, **kwargs)
             elif n.op == "call_method":
-                method = "to" if dtype is not None and n.target in _NARROWING_METHODS else n.target
-                values[n] = getattr(args[0], method)(*args[1:], **kwargs)
+                values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
             elif n.op == "call_module":
                 module = attribute(gm, n.target)
                 if dtype is not None:
@@ -227,18 +227,45 @@ def run_nodes(
     return values
 
 
-_NARROWING_METHODS = {"float", "half", "bfloat16"}
+class _Float64Kernels(TorchFunctionMode):
+    """Lets a float64 copy of a model run code written for float32.
+
+    * Models pin dtypes in their own code: scratch tensors made as float32 (``torch.zeros(...,
+      dtype=torch.float32)``), casts such as ``x.float()`` around a softmax. In the oracle those
+      become float64, or the copy would mix dtypes (and raise) or compute part of itself in float32.
+    * torch's fake-quantizers compute with a float32 scale whatever the input's dtype, so the oracle
+      hands them that float32 scale (the value the float32 model uses) and a float64 input.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _FLOAT32_SCALE and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            args = (args[0], args[1].float(), *args[2:])
+        elif func in _FLOAT32_SCALE and isinstance(kwargs.get("scale"), torch.Tensor):
+            kwargs["scale"] = kwargs["scale"].float()
+        elif func in _NARROWING_CASTS:
+            return args[0].double()
+        elif func in _CONVERSIONS:
+            args = tuple(torch.float64 if _narrow_float(a) else a for a in args)
+            if _narrow_float(kwargs.get("dtype")):
+                kwargs["dtype"] = torch.float64
+        elif _narrow_float(kwargs.get("dtype")):  # a factory: torch.zeros(..., dtype=torch.float32)
+            kwargs["dtype"] = torch.float64
+        return func(*args, **kwargs)
 
 
-def _widened_casts(n: Node, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
-    """``n``'s arguments with every floating dtype it names replaced by ``dtype``, and ``x.float()``
-    read as ``x.to(dtype)``: in the float64 run, a model's own float32 casts would narrow it again."""
-    def wide(value: Any) -> Any:
-        return dtype if isinstance(value, torch.dtype) and value.is_floating_point else value
+_FLOAT32_SCALE = {torch.fake_quantize_per_channel_affine, torch.fake_quantize_per_tensor_affine}
+_NARROWING_CASTS = {torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
+_CONVERSIONS = {torch.Tensor.to, torch.Tensor.type}
 
-    if n.op == "call_method" and n.target in _NARROWING_METHODS and not kwargs:
-        return (args[0], dtype), {}
-    return tuple(map(wide, args)), {k: wide(v) for k, v in kwargs.items()}
+
+def _narrow_float(dtype: object) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float64
+
+
+def float64_kernels() -> TorchFunctionMode:
+    """A context in which a model converted with ``.double()`` runs in float64 (see _Float64Kernels)."""
+    return _Float64Kernels()
 
 
 def _module_in(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

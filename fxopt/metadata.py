@@ -14,7 +14,7 @@ conv's output instead. Two things follow, both here so that every pass sees them
   free in the result, so ``x.shape`` and ``x.size(i)`` remain graph nodes (metadata users).
 
 The Rewriter moves the metadata users of a node a rewrite removes onto a replacement with the same
-recorded shape and dtype (:meth:`fxopt.rewriter.Rewriter.metadata_substitutes`).
+recorded shape and dtype (:meth:`fxopt.rewriter.Rewriter.metadata_moves`).
 """
 
 from __future__ import annotations
@@ -80,11 +80,6 @@ def reads_only_metadata(user: Node, value: Node) -> bool:
 def value_users(node: Node) -> list[Node]:
     """The users of ``node`` that read its values (every user but the metadata reads)."""
     return [u for u in node.users if not reads_only_metadata(u, node)]
-
-
-def metadata_users(node: Node) -> list[Node]:
-    """The users of ``node`` that read only its metadata."""
-    return [u for u in node.users if reads_only_metadata(u, node)]
 
 
 def same_metadata(a: Node, b: Node) -> bool:

@@ -241,16 +241,15 @@ class Rewriter:
             moves[node] = target
         return moves
 
-    def commit(self, replacements: dict[Node, Node], matched: list[Node]) -> None:
-        """Hand each replaced node's uses to its replacement, move metadata reads of the nodes it
-        removes (see metadata_moves: the driver has checked they can move) and erase what is left dead."""
+    def commit(self, replacements: dict[Node, Node], matched: list[Node], moves: dict[Node, Node]) -> None:
+        """Hand each replaced node's uses to its replacement, move the metadata reads ``moves`` names
+        (what metadata_moves answered) and erase what is left dead."""
         stamp_scopes(self.created, replacements, matched)
-        moves = self.metadata_moves(replacements, matched)
         for old, new in replacements.items():
             if "tensor_meta" in old.meta:
                 new.meta.setdefault("tensor_meta", old.meta["tensor_meta"])
             old.replace_all_uses_with(new)
-        for old, new in (moves.items() if isinstance(moves, dict) else ()):
+        for old, new in moves.items():
             moved = old.replace_all_uses_with(new, delete_user_cb=lambda user: reads_only_metadata(user, old))
             _place_after(new, moved)
         for node in reversed(matched):
