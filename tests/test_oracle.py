@@ -178,6 +178,24 @@ def test_reference_error_widens_the_bound() -> None:
     assert not passed(compare(oracle, reference, beyond))
 
 
+def test_parameter_sensitivity_adds_to_the_reference_error() -> None:
+    # The candidate's error is its activations' rounding plus its parameters' rounding:
+    # the bound is the factor times the sum of the two scales, not their maximum.
+    oracle = torch.linspace(1.0, 2.0, 100, dtype=torch.float64)
+    reference = oracle.float()
+    reference[1] += 0.01
+    perturbed = oracle.clone()
+    perturbed[2] += 0.008
+    e_ref = (reference.double() - oracle).abs().max().item()
+    e_par = (perturbed - oracle).abs().max().item()
+    within, beyond = oracle.float(), oracle.float()
+    within[0] += ORACLE_FACTOR * (e_ref + e_par) * 0.99
+    beyond[0] += ORACLE_FACTOR * (e_ref + e_par) * 1.01 + 1e-3
+    assert not passed(compare(oracle, reference, within))  # beyond the reference's error alone
+    assert passed(compare(oracle, reference, within, perturbed))
+    assert not passed(compare(oracle, reference, beyond, perturbed))
+
+
 def test_small_leaves_get_a_larger_factor() -> None:
     assert oracle_factor(1) == 10 * ORACLE_FACTOR
     assert oracle_factor(25) == 2 * ORACLE_FACTOR
