@@ -256,7 +256,8 @@ class _Float64Kernels(TorchFunctionMode):
 
 _FLOAT32_SCALE = {torch.fake_quantize_per_channel_affine, torch.fake_quantize_per_tensor_affine}
 _NARROWING_CASTS = {torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
-_CONVERSIONS = {torch.Tensor.to, torch.Tensor.type}
+_CONVERSIONS = {torch.Tensor.to, torch.Tensor.type, torch.ops.aten.to.dtype, torch.ops.aten.to.device,
+                torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default}  # the last: export's graphs
 
 
 def _narrow_float(dtype: object) -> bool:

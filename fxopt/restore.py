@@ -138,13 +138,17 @@ _Updates = dict[tuple[nn.Module, str], tuple[torch.Tensor, torch.Tensor]]
 # the two graphs, split by module call
 
 
+# the scope torch.export's own passes give the nodes they create: a placeholder, not a module path
+_NO_MODULE = "_empty_nn_module_stack_from_metadata_hook"
+
+
 def _stack(node: Node, paths: dict[str, str]) -> tuple[str, ...]:
     """The keys of the module calls a node was traced in, outermost first (the model's own left
     out); records each call's module path in ``paths``."""
     stack = node.meta.get("nn_module_stack") or {}
     keys = []
     for key, (path, _) in stack.items():
-        if path:
+        if path and path != _NO_MODULE:
             keys.append(key)
             paths.setdefault(key, path)
     return tuple(keys)
@@ -782,7 +786,6 @@ class _Restorer:
         graph.output(result)
         fresh = {_relative(name, prefix) for name in self.fresh}
         generated = finalize(GraphModule(attributes, graph), f"Optimized{type(module).__name__}", fresh, self.inplace)
-        _carry_attributes(module, generated)
         what = f"a generated module ({type(generated).__name__})"
         if self.exported:
             what += ", specialised to the example input shapes (captured with torch.export)"
@@ -891,7 +894,9 @@ class _Restorer:
             first = module_plans[0]
             if isinstance(first, _Swap):
                 inner = first.new
-                memo[id(first.module)] = inner if isinstance(inner, nn.Module) else self._deepcopy(inner.module, memo)
+                replacement = inner if isinstance(inner, nn.Module) else self._deepcopy(inner.module, memo)
+                _carry_attributes(first.module, replacement)
+                memo[id(first.module)] = replacement
                 names = rewritten.get(id(inner.module), []) if isinstance(inner, _Keep) else []
                 what = first.what + (f", parameters rewritten ({', '.join(sorted(names))})" if names else "")
                 swapped.append((self.path(first.key), f"{_class_name(first.module)} -> {what}"))
@@ -993,8 +998,9 @@ class _Restorer:
 
 
 def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` the plain attributes of the module it replaces (``self.resolution``, ``self.num_heads``):
-    the model's own Python, which keeps running around it, may read them (timm's EfficientViT does)."""
+    """Give ``new`` the plain attributes of the module it replaces (``self.resolution``, ``self.num_heads``)
+    that it lacks: the model's own Python, which keeps running around it, may read them (timm's
+    EfficientViT does)."""
     for name, value in vars(old).items():
         if not name.startswith("_") and name != "training" and not hasattr(new, name):
             setattr(new, name, value)

@@ -226,14 +226,17 @@ class Rewriter:
         replacement whose value has its shape and dtype}, for every node that only metadata reads
         outside the match keep alive (a ``x.ndim`` assert on the conv output a fold removes). A
         string says why a read cannot move (no replacement has that node's shape): the rewrite
-        would keep the node computing for it, so it is not made."""
+        would keep the node computing for it, so it is not made. The match's own inputs survive
+        it and count as replacements too (a BatchNorm folded into the conv after it has its
+        input's shape)."""
         members, moves = set(matched), {}
+        inputs = list(dict.fromkeys(a for n in matched for a in n.all_input_nodes if a not in members))
         for node in matched:
             outside = [u for u in node.users if u not in members]
             if node in replacements or not outside or not all(reads_only_metadata(u, node) for u in outside):
                 continue
             self.shape(node)  # records shapes if they are missing
-            candidates = [*((old, new) for old, new in replacements.items()), *((n, n) for n in self.created)]
+            candidates = [*replacements.items(), *((n, n) for n in (*self.created, *inputs))]
             target = next((new for like, new in candidates if same_metadata(node, like)), None)
             if target is None:
                 return (f"{outside[0].name} reads the shape of {node.name}, which the rewrite removes, and no "

@@ -231,7 +231,8 @@ def _what(node: object) -> str:
     if node.op == "output":
         return "the model's output"
     if node.op == "call_module":
-        return f"a {type(node.graph.owning_module.get_submodule(node.target)).__name__} module"
+        name = type(node.graph.owning_module.get_submodule(node.target)).__name__
+        return f"{'an' if name[0] in 'AEIOU' else 'a'} {name} module"
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     return {"conv": "a conv", "linear": "a Linear", "batch_norm": "another BatchNorm"}.get(name, name)
 

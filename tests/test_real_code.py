@@ -335,18 +335,51 @@ def test_fake_quantizer_axis_from_rank_arithmetic_is_canonical() -> None:
     assert quantizer.kwargs["axis"] == 2
 
 
-def test_a_generated_module_keeps_the_attributes_the_model_reads() -> None:
-    """timm's EfficientViT reads ``attn.resolution`` in its own forward(): the module swapped in for
-    the attention keeps it."""
+def test_an_exported_model_keeps_what_its_code_reads() -> None:
+    """timm's EfficientViT needs torch.export (its attention caches a bias per device); the model's
+    own forward() still finds ``attn.resolution`` on the attention module."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = randomized(timm.create_model("efficientvit_m0", pretrained=False))
     x = torch.randn(1, 3, 224, 224)
     result = fxopt.optimize(model, (x,), verify=False)
-    attn = result.stages[0].blocks[0].mixer.m.attn
-    assert type(attn).__name__ == "OptimizedCascadedGroupAttention", str(result.report)
-    assert attn.resolution == model.stages[0].blocks[0].mixer.m.attn.resolution
+    assert result.report.frontend == "torch.export", str(result.report)
+    assert type(result) is type(model)
+    assert result.stages[0].blocks[0].mixer.m.attn.resolution == model.stages[0].blocks[0].mixer.m.attn.resolution
     torch.testing.assert_close(result(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class TwoBranches(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.channels = c  # a plain attribute the parent's forward() reads
+        self.dense, self.point = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.dense(x) + self.point(x)
+
+
+class ReadsChildAttribute(nn.Module):
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.block = TwoBranches(c)
+
+    def forward(self, x):
+        y = self.block(x)
+        return y.flatten(2).mean(-1).reshape(-1, self.block.channels)
+
+
+def test_a_swapped_in_module_keeps_the_attributes_the_model_reads() -> None:
+    """The block's computation changed (its branches merged): the merged conv stands in for it and
+    carries ``channels``, which the parent's own forward() reads at run time."""
+    torch.manual_seed(0)
+    model = randomized(ReadsChildAttribute())
+    x = torch.randn(2, 4, 8, 8)
+    result = fxopt.optimize(model, (x,))
+    assert type(result) is ReadsChildAttribute
+    assert type(result.block) is nn.Conv2d, str(result.report)
+    assert result.block.channels == 4
+    torch.testing.assert_close(result(x), model(x))
 
 
 # -- BatchNorms timm writes where fold_bn alone cannot see them --------------------------------------------
@@ -419,3 +452,15 @@ def test_rewrites_of_code_that_casts_to_float32_are_validated() -> None:
     folds = result.report.passes[0]
     assert folds.applied == 1 and folds.verified == 1 and not folds.rolled_back, str(result.report)
     torch.testing.assert_close(result(x), model(x))
+
+
+def test_visformer_folds_every_batchnorm_before_a_conv_and_does_not_crash() -> None:
+    """timm's Visformer: a BatchNorm before a 1x1 conv whose output shape the attention reads
+    (``B, C, H, W = x.shape``) folds, its shape read moved to the BatchNorm's input; a constant
+    added to a matmul result that broadcasts is not taken for a bias (merge_lora crashed)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomized(timm.create_model("visformer_tiny", pretrained=False, img_size=64))
+    x = torch.randn(2, 3, 64, 64)
+    result = fxopt.optimize(model, (x,))  # raises unless the float64-oracle check passes
+    assert convs_and_norms(result, x)[1] == 1, str(result.report)  # the last one feeds the pooling
