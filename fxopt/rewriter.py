@@ -230,12 +230,12 @@ class Rewriter:
         it and count as replacements too (a BatchNorm folded into the conv after it has its
         input's shape)."""
         members, moves = set(matched), {}
-        inputs = list(dict.fromkeys(a for n in matched for a in n.all_input_nodes if a not in members))
         for node in matched:
             outside = [u for u in node.users if u not in members]
             if node in replacements or not outside or not all(reads_only_metadata(u, node) for u in outside):
                 continue
             self.shape(node)  # records shapes if they are missing
+            inputs = [a for n in matched for a in n.all_input_nodes if a not in members]
             candidates = [*replacements.items(), *((n, n) for n in (*self.created, *inputs))]
             target = next((new for like, new in candidates if same_metadata(node, like)), None)
             if target is None:

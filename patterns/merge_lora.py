@@ -377,9 +377,7 @@ class _Analysis:
             if tuple(shape[-len(features):]) != features:
                 return None  # the sum broadcasts a's values: its features are not the result's
             block = None if shift is None else _per_features(shift, len(shape), features)
-            if block is None or not _broadcasts_to(block.shape, features):
-                return None
-            return Form(fa.weight, _add(fa.bias, sign * block.expand(features)))
+            return None if block is None else Form(fa.weight, _add(fa.bias, sign * block.expand(features)))
         if fa is not None and fa.weight is not None and shape is not None:
             shift = self.constant(b)
             vector = None if shift is None else self.feature_vector(shift, len(shape))
@@ -426,13 +424,6 @@ def _per_features(value: torch.Tensor, ndim: int, features: tuple[int, ...]) -> 
     if any(size != 1 for size in shape[:rows]):
         return None
     return value.double().reshape(shape[rows:])
-
-
-def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, target) == torch.Size(target)
-    except RuntimeError:
-        return False
 
 
 def _full(form: Form, features: tuple[int, ...]) -> torch.Tensor:
